@@ -1,0 +1,619 @@
+"""Poolformer (arXiv 2510.02206) in pure JAX: RG-LRU recurrences inside recursive SkipBlocks.
+
+Notation (shapes in comments):
+  B batch, S sequence length at the current level, D model dim (d_model), R RG-LRU dim (d_rnn),
+  N recurrence channels (R/2 complex or R real), F pooling factor of a level, G pooling groups,
+  V vocabulary, L stacked layers of one level.
+Activations are time-major, (S, B, D), inside the model: the scan runs along the leading axis and
+pooling is a reshape of it, so nothing is transposed between layers. `apply` takes and returns
+batch-major arrays.
+
+Tiers, bottom-up: scan math -> layers (dense, norms, RG-LRU, attention, pooling) -> blocks
+(ResBlock, layer stack, SkipBlock: thesis Figures 3.2-3.4) -> the model (`init`, `apply`,
+`init_state`, `step`).
+"""
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+
+SILENCE = 128  # token of x = 0 under both 8-bit encodings; the input at position 0
+C = 8.0  # RG-LRU: log a_t = C r_t log sigmoid(Lambda) + ... (Griffin fixes c = 8)
+GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R = 256)
+HEADS = 4  # multi-query attention heads (deepest-level ablation)
+SQRT_MAX_GRAD = 200.0  # bound on d sqrt(x)/dx near x = 0 (the author's value)
+NORM_EPS = 1e-6
+RINGS = {  # ring: (|a| min, |a| max, phase max); |a| ~ sqrt(U[min^2, max^2]), phase ~ U[0, max]
+    "small": (0.9, 0.99, math.pi / 10),
+    "half": (0.9, 0.99, math.pi),
+    "full": (0.9, 0.99, 2 * math.pi),
+    "circle": (0.01, 0.99, 2 * math.pi),
+}
+CHOICES = {
+    "ring": tuple(RINGS),
+    "norm": ("layer", "rms", "none"),
+    "skip": ("short", "long"),
+    "placement": ("around", "after"),
+    "deepest": ("rglru", "attention"),
+    "embedding": ("sinusoidal", "linear", "learned"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The thesis baseline (sec. 4.2) unless a field is changed."""
+
+    pooling: tuple[int, ...] = (2, 4, 4, 5)  # F_1..F_n: level k has F_1*..*F_k times fewer tokens
+    layers: tuple[int, ...] = (4, 4, 4, 4, 4)  # l_1..l_(n+1): layers before (and after) each pooling; last = deepest
+    d_model: int = 128  # D
+    d_rnn: int = 256  # R
+    complex_rnn: bool = True  # complex a = sigmoid(Lambda) e^(i theta), else real a = sigmoid(Lambda)
+    ring: str = "small"  # initialisation of a: small | half | full | circle (sec. 4.4)
+    norm: str = "layer"  # ResBlock pre-norm: layer | rms | none
+    gated: bool = True  # gated ResBlock (Figure 3.4b)
+    scale: float | None = None  # init variance of Dense_out and up-pool: None = 1 / branches into the level's stream
+    groups: int | None = None  # pooling feature groups G; None = D (one weight per channel and offset)
+    skip: str = "short"  # short: skip around the pooling; long: block input added to block output
+    placement: str = "around"  # around: l_k layers before and after pooling; after: all 2 l_k after
+    deepest: str = "rglru"  # temporal mixing at the deepest level: rglru | attention (4-head MQA)
+    embedding: str = "sinusoidal"  # token embedding: sinusoidal | linear | learned
+    dropout: float = 0.2
+    vocab: int = 256  # V
+
+    def __post_init__(self):
+        object.__setattr__(self, "pooling", tuple(int(f) for f in self.pooling))
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if len(self.layers) != len(self.pooling) + 1:
+            raise ValueError(f"layers {list(self.layers)} must have len(pooling)+1 = "
+                             f"{len(self.pooling) + 1} entries for pooling {list(self.pooling)}")
+        if any(f < 1 for f in self.pooling) or any(n < 0 for n in self.layers):
+            raise ValueError(f"pooling factors must be >= 1 and layer counts >= 0: "
+                             f"pooling {list(self.pooling)}, layers {list(self.layers)}")
+        n_gate_out = self.d_rnn // 2 if self.complex_rnn else self.d_rnn
+        if self.d_rnn % GATE_BLOCKS or n_gate_out % GATE_BLOCKS or (self.complex_rnn and self.d_rnn % 2):
+            raise ValueError(f"d_rnn={self.d_rnn} must split into {GATE_BLOCKS} gate blocks on both sides "
+                             f"(a multiple of {2 * GATE_BLOCKS if self.complex_rnn else GATE_BLOCKS})")
+        if self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even (cos | sin halves)")
+        if self.d_model % self.n_groups:
+            raise ValueError(f"groups={self.n_groups} does not divide d_model={self.d_model}")
+        if self.deepest == "attention" and self.d_model % HEADS:
+            raise ValueError(f"d_model={self.d_model} must be divisible by {HEADS} attention heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def n_groups(self):
+        return self.d_model if self.groups is None else self.groups
+
+    @property
+    def total_pooling(self):
+        return math.prod(self.pooling)
+
+    def check_length(self, seq_len):
+        if seq_len % self.total_pooling:
+            raise ValueError(f"sequence length {seq_len} is not divisible by the pooling product "
+                             f"{'*'.join(map(str, self.pooling))} = {self.total_pooling}")
+
+    def level_scale(self, level):
+        """Init variance scale of a level: 1 / number of branches added to its residual stream."""
+        if self.scale is not None:
+            return self.scale
+        if level == len(self.pooling):  # deepest: 2 ResBlocks per layer
+            return 1.0 / max(2 * self.layers[level], 1)
+        return 1.0 / (4 * self.layers[level] + 1)  # 2 l_k layers x 2 ResBlocks + the up-pool
+
+
+# ---------------------------------------------------------------- scan math
+# The RG-LRU recurrence h_t = a_t h_(t-1) + b_t as a composition of affine maps (thesis Theorem 4).
+
+
+def scan_op(e1, e2):
+    """(a1, b1) . (a2, b2) = (a2 a1, a2 b1 + b2): apply e1, then e2."""
+    a1, b1 = e1
+    a2, b2 = e2
+    return a2 * a1, a2 * b1 + b2
+
+
+def scan_associative(a, b, h0=None):
+    """h_t = a_t h_(t-1) + b_t along axis 0, h_(-1) = h0 (or 0). a, b: (S, ...). Training path."""
+    if h0 is not None:
+        b = b.at[0].add(a[0] * h0)
+    return jax.lax.associative_scan(scan_op, (a, b), axis=0)[1]
+
+
+def scan_sequential(a, b, h0=None):
+    """The same recurrence one step at a time: the reference the associative scan is tested against."""
+    h0 = jnp.zeros_like(b[0]) if h0 is None else h0
+
+    def body(h, ab):
+        h = ab[0] * h + ab[1]
+        return h, h
+
+    return jax.lax.scan(body, h0, (a, b))[1]
+
+
+@jax.custom_vjp
+def sqrt_bounded(x):
+    """sqrt(x) whose derivative is capped at SQRT_MAX_GRAD (d sqrt/dx = 1/(2 sqrt x) blows up at |a| -> 1)."""
+    return jnp.sqrt(x)
+
+
+def _sqrt_fwd(x):
+    return jnp.sqrt(x), x
+
+
+def _sqrt_bwd(x, g):
+    return (g * 0.5 / jnp.sqrt(jnp.maximum(x, 1.0 / (4 * SQRT_MAX_GRAD**2))),)
+
+
+sqrt_bounded.defvjp(_sqrt_fwd, _sqrt_bwd)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def normal_init(key, shape, n_in, scale=1.0):
+    """N(0, scale / n_in), truncated at 2 std like LeCun normal (scale 1 is LeCun normal; 0 gives zeros)."""
+    std = math.sqrt(scale / n_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+def dense_init(key, n_in, n_out, scale=1.0):
+    return {"w": normal_init(key, (n_in, n_out), n_in, scale), "b": jnp.zeros(n_out)}
+
+
+def dense(p, x):
+    return x @ p["w"] + p["b"]
+
+
+def norm_init(d, kind):
+    if kind == "layer":
+        return {"scale": jnp.ones(d), "bias": jnp.zeros(d)}
+    return {"scale": jnp.ones(d)} if kind == "rms" else {}
+
+
+def norm(p, x, kind):
+    """LayerNorm (eq. 3.2-3.4), RMSNorm (eq. 3.5-3.6) or identity, over the feature axis."""
+    if kind == "none":
+        return x
+    if kind == "layer":
+        x = x - x.mean(-1, keepdims=True)
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS) * p["scale"] + p["bias"]
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS) * p["scale"]
+
+
+def dropout(x, rate, key):
+    """Inverted dropout; key None means evaluation (identity)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def embedding_init(key, cfg):
+    if cfg.embedding == "linear":
+        return {"dense": dense_init(key, 1, cfg.d_model)}
+    if cfg.embedding == "learned":
+        return {"table": jax.random.normal(key, (cfg.vocab, cfg.d_model)) / math.sqrt(cfg.d_model)}
+    return {}  # sinusoidal: no parameters
+
+
+def embedding(p, q, cfg):
+    """Token values q (...) -> (..., D): thesis eq. 4.1-4.2 (cosines then sines), or the ablations."""
+    if cfg.embedding == "learned":
+        return p["table"][q]
+    q = q.astype(jnp.float32)
+    if cfg.embedding == "linear":
+        return dense(p["dense"], q[..., None] / (cfg.vocab - 1))
+    half = cfg.d_model // 2
+    freqs = 10000.0 ** (-jnp.arange(half) / half)  # j = 0 .. D/2-1
+    angles = q[..., None] * freqs
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1)
+
+
+def block_diagonal_init(key, n_in, n_out):
+    """GATE_BLOCKS diagonal blocks of (n_in/32 -> n_out/32), LeCun normal per block, zero bias."""
+    shape = (GATE_BLOCKS, n_in // GATE_BLOCKS, n_out // GATE_BLOCKS)
+    return {"w": normal_init(key, shape, shape[1]), "b": jnp.zeros(n_out)}
+
+
+def block_diagonal(p, x):
+    x = rearrange(x, "... (h i) -> ... h i", h=GATE_BLOCKS)  # (..., 32, n_in/32)
+    y = jnp.einsum("...hi,hio->...ho", x, p["w"])  # (..., 32, n_out/32)
+    return rearrange(y, "... h o -> ... (h o)") + p["b"]
+
+
+def rglru_init(key, cfg):
+    """RG-LRU parameters (thesis sec. 3.4): gates W_a (recurrence) and W_x (input), Lambda, theta."""
+    n = cfg.d_rnn // 2 if cfg.complex_rnn else cfg.d_rnn  # N recurrence channels
+    k_a, k_x, k_mag, k_phase = jax.random.split(key, 4)
+    a_min, a_max, phase_max = RINGS[cfg.ring]
+    # |a| = sigmoid(Lambda) ~ sqrt(U[min^2, max^2]): uniform in area over the ring.
+    mag = jnp.sqrt(jax.random.uniform(k_mag, (n,), minval=a_min**2, maxval=a_max**2))
+    p = {
+        "gate_a": block_diagonal_init(k_a, cfg.d_rnn, n),
+        "gate_x": block_diagonal_init(k_x, cfg.d_rnn, n),
+        "lambda_": jnp.log(mag / (1.0 - mag)),  # logit
+    }
+    if cfg.complex_rnn:
+        p["theta"] = jax.random.uniform(k_phase, (n,), minval=0.0, maxval=phase_max)
+    return p
+
+
+def rglru_coefficients(p, x, complex_rnn):
+    """x (..., R) -> (a, b) (..., N) of h_t = a_t h_(t-1) + b_t, b_t = sqrt(1 - |a_t|^2) i_t x_t.
+
+    log a_t = C r_t log sigmoid(Lambda) + i r_t theta. Choice: like the author's code, c scales the
+    magnitude only; the thesis writes a^(c r_t), which would also scale the phase by c.
+    """
+    r = jax.nn.sigmoid(block_diagonal(p["gate_a"], x))  # recurrence gate, eq. 3.8
+    i = jax.nn.sigmoid(block_diagonal(p["gate_x"], x))  # input gate, eq. 3.9
+    log_mag = C * r * jax.nn.log_sigmoid(p["lambda_"])  # log |a_t| < 0
+    gated_x = i * x if not complex_rnn else i * jax.lax.complex(*jnp.split(x, 2, -1))  # [re | im] halves
+    a = jnp.exp(jax.lax.complex(log_mag, r * p["theta"])) if complex_rnn else jnp.exp(log_mag)
+    b = sqrt_bounded(1.0 - jnp.exp(2.0 * log_mag)) * gated_x  # eq. 3.11
+    return a, b
+
+
+def rnn_output(h):
+    """Complex (..., N) -> real [Re h | Im h] (..., R); real h unchanged."""
+    return jnp.concatenate([h.real, h.imag], -1) if jnp.iscomplexobj(h) else h
+
+
+def rglru(p, x, complex_rnn):
+    """x (S, B, R) -> (S, B, R), parallel over S with the associative scan."""
+    a, b = rglru_coefficients(p, x, complex_rnn)
+    return rnn_output(scan_associative(a, b))
+
+
+def rglru_step(p, h, x, complex_rnn):
+    """One token: x (B, R), state h (B, N) -> (output (B, R), new h)."""
+    a, b = rglru_coefficients(p, x, complex_rnn)
+    h = a * h + b
+    return rnn_output(h), h
+
+
+def attention_init(key, d):
+    """Multi-query attention: HEADS query heads, one shared key and value head (dim D/HEADS)."""
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    dh = d // HEADS
+    return {"q": dense_init(kq, d, d), "k": dense_init(kk, d, dh), "v": dense_init(kv, d, dh),
+            "o": dense_init(ko, d, d)}
+
+
+def attention_qkv(p, y):
+    q = rearrange(dense(p["q"], y), "... (h d) -> ... h d", h=HEADS)  # (..., H, D/H)
+    return q / math.sqrt(q.shape[-1]), dense(p["k"], y), dense(p["v"], y)
+
+
+def attention(p, y):
+    """Causal multi-query attention over S: y (S, B, D) -> (S, B, D). No positional encoding: the
+    deepest level's inputs were already mixed by RG-LRU layers above it (our choice; the thesis is silent)."""
+    q, k, v = attention_qkv(p, y)  # (S, B, H, Dh), (S, B, Dh), (S, B, Dh)
+    s = jnp.einsum("sbhd,tbd->bhst", q, k)
+    causal = jnp.tril(jnp.ones((y.shape[0], y.shape[0]), bool))
+    s = jnp.where(causal, s, -jnp.inf)
+    o = jnp.einsum("bhst,tbd->sbhd", jax.nn.softmax(s, -1), v)
+    return dense(p["o"], rearrange(o, "s b h d -> s b (h d)"))
+
+
+def attention_step(p, cache, y, pos):
+    """One token at position pos: y (B, D); cache k, v (S_max, B, Dh) -> (out (B, D), cache)."""
+    q, k, v = attention_qkv(p, y)
+    ks = jax.lax.dynamic_update_index_in_dim(cache["k"], k, pos, 0)
+    vs = jax.lax.dynamic_update_index_in_dim(cache["v"], v, pos, 0)
+    s = jnp.einsum("bhd,tbd->bht", q, ks)
+    s = jnp.where(jnp.arange(ks.shape[0]) <= pos, s, -jnp.inf)
+    o = jnp.einsum("bht,tbd->bhd", jax.nn.softmax(s, -1), vs)
+    return dense(p["o"], rearrange(o, "b h d -> b (h d)")), {"k": ks, "v": vs}
+
+
+def pool_init(key, cfg, factor, scale=1.0):
+    """Grouped conv kernel, one (D/G x D/G) block per offset and group: F D^2 / G + D parameters.
+    n_in = F D/G, the conv kernel's fan-in as flax counts it (the author's layers)."""
+    g, dg = cfg.n_groups, cfg.d_model // cfg.n_groups
+    return {"w": normal_init(key, (factor, g, dg, dg), factor * dg, scale), "b": jnp.zeros(cfg.d_model)}
+
+
+def down_pool(p, x):
+    """Strided conv, kernel = stride = F: x (S, B, D) -> (S/F, B, D). Output j reads inputs jF..jF+F-1."""
+    f, g = p["w"].shape[:2]
+    x = rearrange(x, "(s f) b (g i) -> s f b g i", f=f, g=g)
+    y = jnp.einsum("sfbgi,fgio->sbgo", x, p["w"])  # sum over the F offsets
+    return rearrange(y, "s b g o -> s b (g o)") + p["b"]
+
+
+def up_pool(p, y):
+    """Transposed strided conv: y (S, B, D) -> (S F, B, D), then shifted right by F-1 steps (zeros in
+    front), as the author does: fine position t then reads pooled step floor((t-F+1)/F), whose inputs
+    end at position t, so the model stays causal (the input is already shifted by one token)."""
+    f, g = p["w"].shape[:2]
+    x = rearrange(y, "s b (g i) -> s b g i", g=g)
+    x = jnp.einsum("sbgi,fgio->sfbgo", x, p["w"])  # (S, F, B, G, D/G)
+    x = rearrange(x, "s f b g o -> (s f) b (g o)") + p["b"]
+    return jnp.pad(x, ((f - 1, 0), (0, 0), (0, 0)))[: x.shape[0]]
+
+
+def up_pool_group(p, y):
+    """Step version: one pooled token y (B, D) -> its F fine outputs (F, B, D), before the shift."""
+    x = rearrange(y, "b (g i) -> b g i", g=p["w"].shape[1])
+    return rearrange(jnp.einsum("bgi,fgio->fbgo", x, p["w"]), "f b g o -> f b (g o)") + p["b"]
+
+
+def down_pool_offset(p, x, offset):
+    """Step version: the contribution W_offset x of one fine token x (B, D) to its pooled token."""
+    w = p["w"][offset]  # (G, D/G, D/G)
+    x = rearrange(x, "b (g i) -> b g i", g=w.shape[0])
+    return rearrange(jnp.einsum("bgi,gio->bgo", x, w), "b g o -> b (g o)")
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def res_block_init(key, cfg, kind, scale):
+    """ResBlock (Figure 3.4): y = Norm(x); x + Dropout(Dense_out(branch(y) [* gelu(Dense_gate(y))]))."""
+    d, r = cfg.d_model, cfg.d_rnn
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    if kind == "mlp":
+        width, branch = 2 * d, {"dense": dense_init(k1, d, 2 * d)}
+    elif kind == "attention":
+        width, branch = d, {"attention": attention_init(k1, d)}
+    else:
+        width = d
+        branch = {"dense_in": dense_init(k1, d, r), "rglru": rglru_init(k2, cfg), "dense_out": dense_init(k3, r, d)}
+    p = {"norm": norm_init(d, cfg.norm), "branch": branch, "out": dense_init(k4, width, d, scale)}
+    if cfg.gated:
+        p["gate"] = dense_init(jax.random.fold_in(key, 1), d, width)
+    return p
+
+
+def res_block(p, x, cfg, branch, key=None):
+    """branch(params, y) -> (z, aux): the block's temporal or channel mixing; returns (x + ..., aux)."""
+    y = norm(p["norm"], x, cfg.norm)
+    z, aux = branch(p["branch"], y)
+    z = z * jax.nn.gelu(dense(p["gate"], y)) if cfg.gated else jax.nn.gelu(z)
+    return x + dropout(dense(p["out"], z), cfg.dropout, key), aux
+
+
+def mlp_branch(p, y):
+    return dense(p["dense"], y), None
+
+
+def temporal_branch(cfg):
+    def branch(p, y):
+        if "attention" in p:
+            return attention(p["attention"], y), None
+        return dense(p["dense_out"], rglru(p["rglru"], dense(p["dense_in"], y), cfg.complex_rnn)), None
+    return branch
+
+
+def layer_stack_init(key, cfg, n, scale, attention=False):
+    """n Layers (temporal ResBlock then MLP ResBlock), parameters stacked on a leading axis L."""
+    if n == 0:
+        return None
+
+    def one(k):
+        kt, km = jax.random.split(k)
+        return {"temporal": res_block_init(kt, cfg, "attention" if attention else "rglru", scale),
+                "mlp": res_block_init(km, cfg, "mlp", scale)}
+
+    return jax.vmap(one)(jax.random.split(key, n))
+
+
+def layer_stack(p, x, cfg, key=None):
+    """Apply the stacked Layers in order (a scan over L). Each ResBlock is rematerialised in the
+    backward pass: it stores only its input, which keeps a 16,000-step activation stack small."""
+    if p is None:
+        return x
+    temporal = jax.checkpoint(lambda q, x, k: res_block(q, x, cfg, temporal_branch(cfg), k)[0])
+    mlp = jax.checkpoint(lambda q, x, k: res_block(q, x, cfg, mlp_branch, k)[0])
+
+    def body(x, pk):
+        q, k = pk
+        kt, km = (None, None) if k is None else jax.random.split(k)
+        return mlp(q["mlp"], temporal(q["temporal"], x, kt), km), None
+
+    n = jax.tree.leaves(p)[0].shape[0]
+    keys = None if key is None else jax.random.split(key, n)
+    return jax.lax.scan(body, x, (p, keys))[0]
+
+
+def split_key(key, n):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def skip_block_init(key, cfg, level=0):
+    """SkipBlock_level (Figure 3.2); the deepest level is a plain layer stack."""
+    n_levels = len(cfg.pooling)
+    scale = cfg.level_scale(level)
+    k_before, k_down, k_inner, k_up, k_after = jax.random.split(key, 5)
+    if level == n_levels:
+        return {"layers": layer_stack_init(k_before, cfg, cfg.layers[level], scale, cfg.deepest == "attention")}
+    f, n = cfg.pooling[level], cfg.layers[level]
+    n_before, n_after = (n, n) if cfg.placement == "around" else (0, 2 * n)
+    p = {"down_pool": pool_init(k_down, cfg, f), "inner": skip_block_init(k_inner, cfg, level + 1),
+         "up_pool": pool_init(k_up, cfg, f, scale)}
+    for name, k, m in (("before", k_before, n_before), ("after", k_after, n_after)):
+        if m:
+            p[name] = layer_stack_init(k, cfg, m, scale)
+    return p
+
+
+def skip_block(p, x, cfg, key=None):
+    """x (S, B, D) -> (S, B, D). Short skip: layers -> skip -> DownPool -> inner -> UpPool -> +skip
+    -> layers. Long skip: the block input is added to the block output instead."""
+    if "layers" in p:
+        return layer_stack(p["layers"], x, cfg, key)
+    k1, k2, k3 = split_key(key, 3)
+    h = layer_stack(p.get("before"), x, cfg, k1)
+    u = up_pool(p["up_pool"], skip_block(p["inner"], down_pool(p["down_pool"], h), cfg, k2))
+    h = layer_stack(p.get("after"), h + u if cfg.skip == "short" else u, cfg, k3)
+    return x + h if cfg.skip == "long" else h
+
+
+# ---------------------------------------------------------------- the model
+
+
+def init(key, cfg):
+    """Poolformer = embedding -> SkipBlock_0 -> LayerNorm -> Dense(D -> V)."""
+    k_emb, k_body, k_head = jax.random.split(key, 3)
+    p = {"skip_block": skip_block_init(k_body, cfg), "norm": norm_init(cfg.d_model, "layer"),
+         "head": dense_init(k_head, cfg.d_model, cfg.vocab)}
+    emb = embedding_init(k_emb, cfg)
+    return {"embedding": emb, **p} if emb else p
+
+
+def apply(params, x, cfg, *, key=None):
+    """x (B, S) int tokens -> logits (B, S, V); logits[:, t] predicts x[:, t] from x[:, :t].
+    key: dropout randomness (None = evaluation, no dropout)."""
+    cfg.check_length(x.shape[1])
+    x = jnp.concatenate([jnp.full((x.shape[0], 1), SILENCE, x.dtype), x[:, :-1]], 1)  # input t = token t-1
+    h = embedding(params.get("embedding"), x.T, cfg)  # (S, B, D)
+    h = skip_block(params["skip_block"], h, cfg, key)
+    logits = dense(params["head"], norm(params["norm"], h, "layer"))  # (S, B, V)
+    return logits.transpose(1, 0, 2)
+
+
+def count_params(params):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
+# ---- recurrent inference: one token at a time, level k runs once every F_1*..*F_k tokens
+
+
+def layer_stack_state(p, cfg, batch_size, cache_len):
+    if p is None:
+        return None
+    n = jax.tree.leaves(p)[0].shape[0]
+    if "attention" in p["temporal"]["branch"]:
+        dh = cfg.d_model // HEADS
+        return {"k": jnp.zeros((n, cache_len, batch_size, dh)), "v": jnp.zeros((n, cache_len, batch_size, dh))}
+    width = cfg.d_rnn // 2 if cfg.complex_rnn else cfg.d_rnn
+    return jnp.zeros((n, batch_size, width), jnp.complex64 if cfg.complex_rnn else jnp.float32)
+
+
+def layer_stack_step(p, state, x, pos, cfg):
+    """One token x (B, D) at this level's position pos through the stacked Layers."""
+    if p is None:
+        return x, state
+
+    def temporal_branch_step(s):
+        def branch(q, y):
+            if "attention" in q:
+                return attention_step(q["attention"], s, y, pos)
+            z, h = rglru_step(q["rglru"], s, dense(q["dense_in"], y), cfg.complex_rnn)
+            return dense(q["dense_out"], z), h
+        return branch
+
+    def body(x, qs):
+        q, s = qs
+        x, s = res_block(q["temporal"], x, cfg, temporal_branch_step(s))
+        return res_block(q["mlp"], x, cfg, mlp_branch)[0], s
+
+    return jax.lax.scan(body, x, (p, state))
+
+
+def skip_block_state(p, cfg, batch_size, cache_len):
+    if "layers" in p:
+        return {"layers": layer_stack_state(p["layers"], cfg, batch_size, cache_len)}
+    f = p["up_pool"]["w"].shape[0]
+    d = cfg.d_model
+    return {"before": layer_stack_state(p.get("before"), cfg, batch_size, cache_len),
+            "after": layer_stack_state(p.get("after"), cfg, batch_size, cache_len),
+            "pool_sum": jnp.zeros((batch_size, d)),  # running DownPool sum of the current group
+            "up_buffer": jnp.zeros((f, batch_size, d)),  # UpPool outputs of the last complete group
+            "inner": skip_block_state(p["inner"], cfg, batch_size, cache_len // f)}
+
+
+def skip_block_step(p, state, x, pos, cfg):
+    """One fine token x (B, D) at position pos of this level -> (output (B, D), state).
+    The inner level runs (lax.cond) only when pos closes a group of F tokens."""
+    if "layers" in p:
+        y, s = layer_stack_step(p["layers"], state["layers"], x, pos, cfg)
+        return y, {"layers": s}
+    f = p["up_pool"]["w"].shape[0]
+    offset = pos % f
+    h, before = layer_stack_step(p.get("before"), state["before"], x, pos, cfg)
+    pool_sum = state["pool_sum"] + down_pool_offset(p["down_pool"], h, offset)
+
+    def run_inner(_):
+        y, inner = skip_block_step(p["inner"], state["inner"], pool_sum + p["down_pool"]["b"], pos // f, cfg)
+        return up_pool_group(p["up_pool"], y), inner, jnp.zeros_like(pool_sum)
+
+    def wait(_):
+        return state["up_buffer"], state["inner"], pool_sum
+
+    up_buffer, inner, pool_sum = jax.lax.cond(offset == f - 1, run_inner, wait, None)
+    u = up_buffer[(offset + 1) % f]  # up_pool's shift by F-1: position pos reads fine output pos-F+1
+    y, after = layer_stack_step(p.get("after"), state["after"], h + u if cfg.skip == "short" else u, pos, cfg)
+    y = x + y if cfg.skip == "long" else y
+    return y, {"before": before, "after": after, "pool_sum": pool_sum, "up_buffer": up_buffer, "inner": inner}
+
+
+def init_state(cfg, batch_size, seq_len=16000):
+    """Recurrent state before the first token. seq_len sizes the deepest level's attention cache
+    (unused by the RG-LRU, whose state is O(1))."""
+    cfg.check_length(seq_len)
+    shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    return {"pos": jnp.zeros((), jnp.int32),
+            "skip_block": skip_block_state(shapes["skip_block"], cfg, batch_size, seq_len)}
+
+
+def step(params, state, x_prev, cfg):
+    """x_prev (B,) the previous token (SILENCE at the start) -> (logits (B, V) of the next token, state)."""
+    h = embedding(params.get("embedding"), x_prev, cfg)  # (B, D)
+    h, body = skip_block_step(params["skip_block"], state["skip_block"], h, state["pos"], cfg)
+    logits = dense(params["head"], norm(params["norm"], h, "layer"))
+    return logits, {"pos": state["pos"] + 1, "skip_block": body}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_config_args(parser, defaults=Config()):
+    """One flag per Config field (--pooling 2 4 4 5, --no-gated, --norm rms, ...)."""
+    for f in dataclasses.fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if f.type == "bool" or isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=int, nargs="*", default=default)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], default=default)
+        elif f.name == "scale":
+            parser.add_argument(flag, type=float, default=default, help="default: 1 / branches per level")
+        else:
+            parser.add_argument(flag, type=float if f.name == "dropout" else int, default=default)
+
+
+def config_from_args(args):
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+def print_tree(tree, indent=""):
+    """The parameter tree, with the parameter count of every component."""
+    for name, sub in tree.items():
+        if isinstance(sub, dict):
+            print(f"{indent}{name}: {count_params(sub):,}")
+            print_tree(sub, indent + "  ")
+        else:
+            print(f"{indent}{name} {tuple(sub.shape)}: {int(np.prod(sub.shape)):,}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print a Poolformer's parameter tree and count.")
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args())
+    print(cfg)
+    shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    print_tree(shapes)
+    print(f"params: {count_params(shapes)}")
