@@ -1,0 +1,849 @@
+"""Metrics for Poolformer (thesis sec. 2.2, table 4.5) and the thesis' analysis figures.
+
+    python metrics.py train-classifier --dataset sc09-espeak     # digit classifier -> data/classifier-sc09-espeak/
+    python metrics.py evaluate --samples DIR [--checkpoint MODEL] # table 4.5 row: NLL, FID, IS, mIS, AM
+    python metrics.py figures --checkpoint MODEL                  # figures 4.7 and 4.9 as PNG (+ JSON)
+
+The perceptual metrics follow SaShiMi's SC09 evaluation (state-spaces/s4, sashimi/sc09_classifier):
+a digit classifier reads a 32 x 32 mel image of each clip; FID compares its penultimate (pooled)
+features of the samples with those of the training set, IS / mIS / AM use its softmax. SaShiMi used a
+pretrained ResNeXt; ours is a small ResNet trained here in pure JAX, so absolute values differ.
+
+  FID = |mu_g - mu_d|^2 + Tr(S_g + S_d - 2 (S_d S_g)^(1/2))
+  IS  = exp E_x KL(p(y|x) || p(y))            mIS = exp E_{x,x'} KL(p(y|x) || p(y|x'))
+  AM  = KL(p_train(y) || p_gen(y)) + E_x H(p(y|x))
+
+Notation: N clips, S samples per clip, T frames, M mel bands, C channels, K classes.
+Everything here is NumPy or functional JAX; PNGs are written by a small zlib writer (no plot library).
+"""
+import argparse
+import json
+import math
+import os
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# ----------------------------------------------------------------------------------------------
+# Mel front end, as SaShiMi's classifier sees audio (librosa defaults of its time)
+
+SAMPLE_RATE = 16000   # the classifier's rate (Hz)
+CLIP_SAMPLES = 16000  # clips are padded with zeros or cut to one second
+N_FFT = 2048          # STFT frame length
+HOP = 512             # STFT hop; centred frames give 1 + 16000 // 512 = 32 frames
+N_MELS = 32           # Slaney mel bands
+AMIN = 1e-10          # power floor of power_to_db
+TOP_DB = 80.0         # dynamic range kept below the clip's maximum
+
+
+def hz_to_mel(f):
+    """Slaney's mel scale (librosa htk=False): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    f_sp = 200.0 / 3                      # Hz per mel in the linear part
+    min_log_mel = 1000.0 / f_sp           # 15 mel at 1 kHz
+    logstep = np.log(6.4) / 27.0
+    log_part = min_log_mel + np.log(np.maximum(f, 1e-10) / 1000.0) / logstep
+    return np.where(f >= 1000.0, log_part, f / f_sp)
+
+
+def mel_to_hz(m):
+    """Inverse of hz_to_mel."""
+    m = np.asarray(m, np.float64)
+    f_sp = 200.0 / 3
+    min_log_mel = 1000.0 / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, 1000.0 * np.exp(logstep * (m - min_log_mel)), m * f_sp)
+
+
+def mel_filterbank(sample_rate, n_fft, n_mels):
+    """(M, n_fft // 2 + 1) triangular filters between 0 Hz and Nyquist, equally spaced in Slaney
+    mels, each scaled by 2 / (its width in Hz) (norm='slaney': every triangle has unit area in Hz)."""
+    fft_hz = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    edges_hz = mel_to_hz(np.linspace(0.0, hz_to_mel(sample_rate / 2), n_mels + 2))  # (M + 2,)
+    widths = np.diff(edges_hz)                                                      # (M + 1,)
+    ramps = edges_hz[:, None] - fft_hz[None, :]                                     # (M + 2, bins)
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))                          # (M, bins)
+    return weights * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+
+
+def hann_window(n):
+    """Periodic Hann window (scipy get_window('hann', n, fftbins=True), librosa's default)."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+
+
+def power_spectrogram(audio, n_fft, hop):
+    """|STFT|^2 with centred frames: (N, S) -> (N, 1 + S // hop, n_fft // 2 + 1).
+    The signal is reflect-padded by n_fft // 2 on both sides (librosa center=True, pad_mode='reflect',
+    its default until 0.10 and the one SaShiMi's classifier was trained with)."""
+    padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode='reflect')
+    n_frames = 1 + audio.shape[-1] // hop
+    index = hop * np.arange(n_frames)[:, None] + np.arange(n_fft)[None, :]          # (T, n_fft)
+    frames = padded[:, index] * jnp.asarray(hann_window(n_fft), audio.dtype)        # (N, T, n_fft)
+    return jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2
+
+
+def power_to_db(power):
+    """dB relative to each clip's maximum, floored at AMIN and cut TOP_DB below the top:
+    (N, ...) -> (N, ...) with values in [-TOP_DB, 0] (librosa power_to_db(ref=np.max))."""
+    axes = tuple(range(1, power.ndim))
+    db = 10.0 * jnp.log10(jnp.maximum(power, AMIN))
+    db = db - 10.0 * jnp.log10(jnp.maximum(jnp.max(power, axis=axes, keepdims=True), AMIN))
+    return jnp.maximum(db, jnp.max(db, axis=axes, keepdims=True) - TOP_DB)
+
+
+def mel_db(audio, sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop=HOP, n_mels=N_MELS):
+    """Mel power spectrogram in dB: (N, S) float -> (N, M, T), bands low to high (JAX, jittable)."""
+    fbank = jnp.asarray(mel_filterbank(sample_rate, n_fft, n_mels), jnp.float32)   # (M, bins)
+    power = power_spectrogram(audio.astype(jnp.float32), n_fft, hop)                # (N, T, bins)
+    return power_to_db(jnp.einsum('mf,ntf->nmt', fbank, power))                     # (N, M, T)
+
+
+_mel_db_jit = jax.jit(mel_db, static_argnames=('sample_rate', 'n_fft', 'hop', 'n_mels'))
+
+
+def fit_length(audio, length=CLIP_SAMPLES):
+    """Pad with zeros at the end or cut: (N, S) -> (N, length)."""
+    audio = np.asarray(audio, np.float32)
+    if audio.shape[1] >= length:
+        return audio[:, :length]
+    return np.pad(audio, ((0, 0), (0, length - audio.shape[1])))
+
+
+def mel_features(audio, batch=256):
+    """The classifier's input: float audio (N, S) at 16 kHz -> (N, 32, 32) float32 dB images
+    (mel band x frame), padded or cut to 16000 samples first."""
+    audio = fit_length(np.atleast_2d(audio))
+    if not np.isfinite(audio).all():
+        raise ValueError('mel_features: audio contains NaN or inf')
+    out = [np.asarray(_mel_db_jit(jnp.asarray(audio[i:i + batch])))
+           for i in range(0, len(audio), batch)]
+    return np.concatenate(out) if out else np.zeros((0, N_MELS, 1 + CLIP_SAMPLES // HOP), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The formulas (NumPy, float64)
+
+def _check_probs(probs, name='probs'):
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f'{name}: expected a non-empty (N, K) array, got shape {p.shape}')
+    if not np.isfinite(p).all():
+        raise ValueError(f'{name}: contains NaN or inf')
+    if (p < 0).any() or np.abs(p.sum(1) - 1).max() > 1e-3:
+        raise ValueError(f'{name}: rows must be probability vectors (>= 0, summing to 1)')
+    return p
+
+
+def _xlogy(x, y):
+    """x log y with 0 log y = 0 (so that one-hot rows are fine); y = 0 < x gives -inf."""
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return np.where(x > 0, x * np.log(np.where(x > 0, y, 1.0)), 0.0)
+
+
+def _kl(p, q):
+    """KL(p || q) along the last axis, in nats."""
+    return (_xlogy(p, p) - _xlogy(p, q)).sum(-1)
+
+
+def _entropy(p):
+    return -_xlogy(p, p).sum(-1)
+
+
+def inception_score(probs):
+    """IS = exp E_x KL(p(y|x) || p(y)), p(y) the mean prediction over the same samples.
+    (SaShiMi's script scored half the samples against the other half's mean; for large N the two
+    agree.) 1 <= IS <= K."""
+    p = _check_probs(probs)
+    return float(np.exp(_kl(p, p.mean(0)).mean()))
+
+
+def modified_inception_score(probs):
+    """mIS = exp E_{x,x'} KL(p(y|x) || p(y|x')), exactly over all N^2 ordered pairs (x = x' included,
+    as SaShiMi's pairs drawn with replacement). Uses
+    E_{x,x'} KL = -E_x H(p(y|x)) - sum_k p(k) E_x' log p(k|x')."""
+    p = _check_probs(probs)
+    with np.errstate(divide='ignore'):
+        mean_log = np.log(p).mean(0)                                # (K,), may be -inf
+    cross = np.where(p.mean(0) > 0, p.mean(0) * mean_log, 0.0).sum()
+    return float(np.exp(-_entropy(p).mean() - cross))
+
+
+def am_score(probs_train, probs_gen):
+    """AM = KL(p_train(y) || p_gen(y)) + E_x H(p_gen(y|x)); 0 is best."""
+    pt = _check_probs(probs_train, 'probs_train')
+    pg = _check_probs(probs_gen, 'probs_gen')
+    return float(_kl(pt.mean(0), pg.mean(0)) + _entropy(pg).mean())
+
+
+def gaussian_stats(feats):
+    """Mean and unbiased covariance of (N, F) features (N >= 2)."""
+    f = np.asarray(feats, np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f'features: expected (N >= 2, F), got shape {f.shape}')
+    if not np.isfinite(f).all():
+        raise ValueError('features: contain NaN or inf')
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def frechet_distance(mu_d, sigma_d, mu_g, sigma_g):
+    """|mu_g - mu_d|^2 + Tr(S_d + S_g) - 2 Tr((S_d S_g)^(1/2)), with
+    Tr((S_d S_g)^(1/2)) = Tr((S_d^(1/2) S_g S_d^(1/2))^(1/2)) = sum sqrt(eig) of a symmetric PSD matrix."""
+    w, v = np.linalg.eigh(sigma_d)
+    sqrt_d = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = sqrt_d @ sigma_g @ sqrt_d
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum()
+    d = np.sum((mu_g - mu_d) ** 2) + np.trace(sigma_d) + np.trace(sigma_g) - 2 * tr_covmean
+    return float(max(d, 0.0))  # only rounding can make it negative
+
+
+def fid(feats_a, feats_b):
+    """Frechet distance between Gaussians fitted to two (N, F) feature sets."""
+    return frechet_distance(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
+
+
+# ----------------------------------------------------------------------------------------------
+# The digit classifier: a small pre-activation ResNet on the 32 x 32 dB image (NHWC)
+
+def conv_init(key, k, c_in, c_out):
+    w = jax.random.normal(key, (k, k, c_in, c_out)) * math.sqrt(2.0 / (k * k * c_in))  # He normal
+    return {'w': w, 'b': jnp.zeros(c_out)}
+
+
+def conv(params, x, stride=1):
+    """'SAME' 2-D convolution: (B, H, W, C_in) -> (B, H / stride, W / stride, C_out)."""
+    y = jax.lax.conv_general_dilated(x, params['w'], (stride, stride), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + params['b']
+
+
+def group_norm_init(c):
+    return {'scale': jnp.ones(c), 'bias': jnp.zeros(c)}
+
+
+def group_norm(params, x, groups=4, eps=1e-5):
+    """Normalise each clip over (H, W, C / groups) per group (no batch statistics to carry)."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, groups, c // groups)                       # (B, H, W, G, C/G)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + eps)
+    return g.reshape(b, h, w, c) * params['scale'] + params['bias']
+
+
+def dense_init(key, n_in, n_out):
+    return {'w': jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in), 'b': jnp.zeros(n_out)}
+
+
+def dense(params, x):
+    return x @ params['w'] + params['b']
+
+
+def res_block_init(key, c_in, c_out):
+    """Two 3x3 convs; a block that changes width also halves H and W and gets a 1x1 shortcut."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    p = {'norm1': group_norm_init(c_in), 'conv1': conv_init(k1, 3, c_in, c_out),
+         'norm2': group_norm_init(c_out), 'conv2': conv_init(k2, 3, c_out, c_out)}
+    if c_in != c_out:
+        p['shortcut'] = conv_init(k3, 1, c_in, c_out)
+    return p
+
+
+def res_block(params, x):
+    stride = 2 if 'shortcut' in params else 1
+    y = conv(params['conv1'], jax.nn.relu(group_norm(params['norm1'], x)), stride)
+    y = conv(params['conv2'], jax.nn.relu(group_norm(params['norm2'], y)))
+    skip = conv(params['shortcut'], x, stride) if 'shortcut' in params else x
+    return skip + y
+
+
+def classifier_init(key, widths=(16, 32, 64), blocks_per_stage=1, n_classes=10):
+    """Stem conv -> stages of ResBlocks (32x32 -> 16x16 -> 8x8) -> norm -> mean pool -> dense."""
+    keys = iter(jax.random.split(key, 2 + len(widths) * blocks_per_stage))
+    blocks, c = [], widths[0]
+    for width in widths:
+        for _ in range(blocks_per_stage):
+            blocks.append(res_block_init(next(keys), c, width))
+            c = width
+    return {'stem': conv_init(next(keys), 3, 1, widths[0]), 'blocks': blocks,
+            'head_norm': group_norm_init(c), 'head': dense_init(next(keys), c, n_classes)}
+
+
+def classifier_features(params, images):
+    """Penultimate features (the pooled activations FID uses): (B, M, T) dB images -> (B, C)."""
+    x = ((images + TOP_DB / 2) / (TOP_DB / 2))[..., None]           # [-80, 0] dB -> [-1, 1]; (B, M, T, 1)
+    x = conv(params['stem'], x)
+    for block in params['blocks']:
+        x = res_block(block, x)
+    x = jax.nn.relu(group_norm(params['head_norm'], x))
+    return x.mean(axis=(1, 2))                                        # (B, C)
+
+
+def classifier(params, images):
+    """(B, M, T) dB images -> (features (B, C), logits (B, K))."""
+    feats = classifier_features(params, images)
+    return feats, dense(params['head'], feats)
+
+
+_classifier_jit = jax.jit(classifier)
+
+
+def softmax64(logits):
+    """Softmax in float64 so that confident predictions keep their tiny probabilities (mIS reads them)."""
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def classify(params, images, batch=256):
+    """(N, M, T) images -> (features (N, C) float64, probs (N, K) float64). Raises on NaN."""
+    feats, logits = [], []
+    for i in range(0, len(images), batch):
+        chunk = np.asarray(images[i:i + batch], np.float32)
+        n = len(chunk)
+        chunk = np.pad(chunk, ((0, batch - n), (0, 0), (0, 0)))       # one compiled shape
+        f, l = _classifier_jit(params, jnp.asarray(chunk))
+        feats.append(np.asarray(f[:n], np.float64))
+        logits.append(np.asarray(l[:n], np.float64))
+    feats, logits = np.concatenate(feats), np.concatenate(logits)
+    if not (np.isfinite(feats).all() and np.isfinite(logits).all()):
+        raise ValueError('classifier produced NaN or inf (corrupt checkpoint or input?)')
+    return feats, softmax64(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training the classifier: augmentation on the audio and on the image, AdamW, best validation accuracy
+
+MAX_SHIFT = SAMPLE_RATE // 5  # time shift up to 0.2 s either way (SaShiMi's classifier used the same)
+
+
+def augment_audio(key, audio):
+    """One clip (S,) -> (S,): random time shift, gain, mixed-in low-pass 'background' noise and white
+    noise, each applied with probability 1/2."""
+    k = jax.random.split(key, 9)
+    s = audio.shape[0]
+    shift = jax.random.randint(k[0], (), -MAX_SHIFT, MAX_SHIFT + 1)
+    shifted = jax.lax.dynamic_slice(jnp.pad(audio, MAX_SHIFT), (MAX_SHIFT - shift,), (s,))
+    audio = jnp.where(jax.random.bernoulli(k[1]), shifted, audio)
+    audio = audio * jnp.where(jax.random.bernoulli(k[2]), jax.random.uniform(k[3], (), minval=0.7, maxval=1.1), 1.0)
+    brown = jnp.cumsum(jax.random.normal(k[4], (s,)))                # random walk: energy at low frequencies
+    brown = brown - jnp.linspace(0.0, 1.0, s) * brown[-1]            # pin both ends to 0 (no step at the edges)
+    brown = brown / (jnp.max(jnp.abs(brown)) + 1e-6)
+    mix = jnp.where(jax.random.bernoulli(k[5]), jax.random.uniform(k[6], (), maxval=0.15), 0.0)
+    audio = audio * (1 - mix) + brown * mix
+    level = jnp.where(jax.random.bernoulli(k[7]), 10.0 ** jax.random.uniform(k[8], (), minval=-4.0, maxval=-1.5), 0.0)
+    return audio + level * jax.random.normal(jax.random.fold_in(key, 1), (s,))
+
+
+def mask_image(key, image, max_width=4):
+    """SpecAugment: one band mask and one frame mask, up to max_width wide, set to the floor (-80 dB)."""
+    k = jax.random.split(key, 4)
+    m, t = image.shape
+    f0 = jax.random.randint(k[0], (), 0, m)
+    fw = jax.random.randint(k[1], (), 0, max_width + 1)
+    t0 = jax.random.randint(k[2], (), 0, t)
+    tw = jax.random.randint(k[3], (), 0, max_width + 1)
+    band = (jnp.arange(m) >= f0) & (jnp.arange(m) < f0 + fw)
+    frame = (jnp.arange(t) >= t0) & (jnp.arange(t) < t0 + tw)
+    return jnp.where(band[:, None] | frame[None, :], -TOP_DB, image)
+
+
+def classifier_loss(params, images, labels):
+    _, logits = classifier(params, images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def make_optimizer(lr=3e-3, steps=1500, weight_decay=1e-4):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps, lr / 30)
+    return optax.adamw(schedule, weight_decay=weight_decay)
+
+
+def make_train_step(optimizer, augment=True):
+    """Returns jitted train_step(params, opt_state, key, audio (B, 16000), labels (B,))
+    -> (params, opt_state, loss, accuracy). The front end runs inside the step, after augmentation."""
+    def train_step(params, opt_state, key, audio, labels):
+        k_audio, k_image = jax.random.split(key)
+        if augment:
+            audio = jax.vmap(augment_audio)(jax.random.split(k_audio, len(audio)), audio)
+        images = mel_db(audio)
+        if augment:
+            images = jax.vmap(mask_image)(jax.random.split(k_image, len(images)), images)
+        (loss, acc), grads = jax.value_and_grad(classifier_loss, has_aux=True)(params, images, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, acc
+    return jax.jit(train_step)
+
+
+def accuracy(params, images, labels):
+    _, probs = classify(params, images)
+    return float(np.mean(probs.argmax(1) == np.asarray(labels)))
+
+
+def train_classifier(key, train_audio, train_labels, val_images, val_labels, steps=1500, batch=64,
+                     lr=3e-3, eval_every=100, widths=(16, 32, 64), log=print):
+    """Train on (N, 16000) audio with augmentation; keep the parameters with the best validation
+    accuracy. Returns (params, info dict)."""
+    k_init, k_steps = jax.random.split(key)
+    params = classifier_init(k_init, widths=widths, n_classes=int(np.max(train_labels)) + 1)
+    optimizer = make_optimizer(lr, steps)
+    opt_state = optimizer.init(params)
+    train_step = make_train_step(optimizer)
+    rng = np.random.default_rng(int(jax.random.randint(k_init, (), 0, 2**31 - 1)))
+    best = {'val_acc': -1.0, 'step': 0, 'params': params}
+    train_seconds, t_start = 0.0, None
+    for step in range(1, steps + 1):
+        idx = rng.integers(0, len(train_audio), batch)
+        params, opt_state, loss, acc = train_step(params, opt_state, jax.random.fold_in(k_steps, step),
+                                                  jnp.asarray(train_audio[idx]), jnp.asarray(train_labels[idx]))
+        loss = float(loss)                                             # syncs the device
+        if not np.isfinite(loss):
+            raise FloatingPointError(f'classifier loss is NaN/inf at step {step}')
+        if step == 1:
+            t_start = time.perf_counter()                              # exclude compilation
+        if step % eval_every == 0 or step == steps:
+            train_seconds += time.perf_counter() - t_start              # exclude evaluation
+            val_acc = accuracy(params, val_images, val_labels)
+            if val_acc > best['val_acc']:
+                best = {'val_acc': val_acc, 'step': step, 'params': params}
+            log(f'step {step} | loss {loss:.3f} | batch acc {float(acc):.3f} | val acc {val_acc:.4f} | '
+                f'{1000 * train_seconds / max(step - 1, 1):.0f} ms/step')
+            t_start = time.perf_counter()
+    return best['params'], {'best_step': best['step'], 'val_acc': best['val_acc']}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: arrays keyed by '/'-joined tree path in an .npz, plus JSON; written atomically
+
+def flatten_params(tree, prefix=''):
+    """Nested dicts / lists -> {'a/b/0/w': array}."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: np.asarray(tree)}
+    flat = {}
+    for k, v in items:
+        flat.update(flatten_params(v, f'{prefix}/{k}' if prefix else str(k)))
+    return flat
+
+
+def unflatten_params(flat):
+    """{'a/b/0/w': array} -> nested dicts; a dict whose keys are exactly '0'..'n-1' becomes a list."""
+    root = {}
+    for path, value in flat.items():
+        node = root
+        *parents, leaf = path.split('/')
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and sorted(node) == sorted(str(i) for i in range(len(node))):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+    return listify(root)
+
+
+def load_params_npz(path):
+    """An .npz of '/'-joined tree paths -> nested dict of jnp arrays (never unpickles)."""
+    with np.load(path, allow_pickle=False) as f:
+        return jax.tree.map(jnp.asarray, unflatten_params({k: f[k] for k in f.files}))
+
+
+def _atomic_write(path, write):
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_params_npz(path, params):
+    _atomic_write(path, lambda f: np.savez(f, **flatten_params(jax.device_get(params))))
+
+
+def save_json(path, obj):
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+
+
+def save_classifier(out_dir, params, config, train_stats):
+    """out_dir/params.npz, out_dir/train_stats.npz (FID / AM reference statistics), out_dir/config.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_params_npz(os.path.join(out_dir, 'params.npz'), params)
+    _atomic_write(os.path.join(out_dir, 'train_stats.npz'), lambda f: np.savez(f, **train_stats))
+    save_json(os.path.join(out_dir, 'config.json'), config)
+
+
+def load_classifier(out_dir):
+    """-> (params, config dict, train_stats dict with mu, sigma, mean_probs)."""
+    params = load_params_npz(os.path.join(out_dir, 'params.npz'))
+    with open(os.path.join(out_dir, 'config.json')) as f:
+        config = json.load(f)
+    with np.load(os.path.join(out_dir, 'train_stats.npz'), allow_pickle=False) as f:
+        stats = {k: f[k] for k in f.files}
+    return params, config, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores of a set of clips against the training set
+
+def scores(params, train_stats, audio):
+    """FID, IS, mIS, AM of (N, S) audio at 16 kHz against the training statistics."""
+    feats, probs = classify(params, mel_features(audio))
+    return {'n': len(audio),
+            'fid': frechet_distance(train_stats['mu'], train_stats['sigma'], *gaussian_stats(feats)),
+            'is': inception_score(probs),
+            'mis': modified_inception_score(probs),
+            'am': float(_kl(train_stats['mean_probs'], probs.mean(0)) + _entropy(probs).mean())}
+
+
+def model_test_nll(checkpoint_dir):
+    """Test NLL (bits per sample) of a Poolformer checkpoint, for the NLL column.
+    Hook for train.py's evaluate; returns None until it is wired, and the table prints '-'."""
+    return None
+
+
+def format_table(rows):
+    """rows: list of (name, dict with nll, fid, is, mis, am) -> text in the layout of thesis table 4.5."""
+    head = f'{"Model":<40} {"Test NLL ↓":>10} {"FID ↓":>8} {"IS ↑":>7} {"mIS ↑":>8} {"AM ↓":>6}'
+    lines = [head, '-' * len(head)]
+    for name, r in rows:
+        nll = '-' if r.get('nll') is None else f'{r["nll"]:.3f}'
+        lines.append(f'{name:<40} {nll:>10} {r["fid"]:>8.2f} {r["is"]:>7.2f} {r["mis"]:>8.2f} {r["am"]:>6.2f}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG writing and drawing (NumPy + zlib)
+
+def write_png(path, image):
+    """Write a uint8 (H, W) grey or (H, W, 3) RGB image as an 8-bit PNG."""
+    img = np.ascontiguousarray(np.asarray(image, np.uint8))
+    if img.ndim == 2:
+        color_type = 0
+    elif img.ndim == 3 and img.shape[2] == 3:
+        color_type = 2
+    else:
+        raise ValueError(f'write_png: expected (H, W) or (H, W, 3), got {img.shape}')
+    h, w = img.shape[:2]
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)  # filter 0 per row
+
+    def chunk(tag, payload):
+        body = tag + payload
+        return len(payload).to_bytes(4, 'big') + body + zlib.crc32(body).to_bytes(4, 'big')
+    ihdr = w.to_bytes(4, 'big') + h.to_bytes(4, 'big') + bytes([8, color_type, 0, 0, 0])
+    png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw.tobytes(), 9))
+           + chunk(b'IEND', b''))
+    _atomic_write(path, lambda f: f.write(png))
+
+
+# A colour map from black through purple and orange to pale yellow (magma-like anchors).
+_CMAP = np.array([[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]], np.float64)
+
+
+def colormap(x):
+    """Values in [0, 1] -> uint8 RGB (..., 3)."""
+    pos = np.clip(np.asarray(x, np.float64), 0, 1) * (len(_CMAP) - 1)
+    i = np.minimum(pos.astype(int), len(_CMAP) - 2)
+    frac = (pos - i)[..., None]
+    return np.round(_CMAP[i] * (1 - frac) + _CMAP[i + 1] * frac).astype(np.uint8)
+
+
+def spectrogram_grid(audio, sample_rate, n_mels=48, width=128, gap=2):
+    """A grid of mel spectrograms (dB, 80 dB range, low bands at the bottom), one tile per clip:
+    (N, S) float audio -> uint8 RGB image."""
+    audio = np.atleast_2d(np.asarray(audio, np.float32))
+    n, s = audio.shape
+    hop = max(1, -(-s // width))
+    n_fft = int(min(2048, max(256, 2 ** math.ceil(math.log2(4 * hop)))))
+    if s <= n_fft // 2:                                   # reflect padding needs a longer signal
+        audio = fit_length(audio, n_fft // 2 + 1)
+    tiles = np.asarray(_mel_db_jit(jnp.asarray(audio), sample_rate=int(sample_rate), n_fft=n_fft,
+                                   hop=hop, n_mels=n_mels))[:, ::-1, :]     # (N, M, T), high bands on top
+    tiles = colormap((tiles + TOP_DB) / TOP_DB)                           # (N, M, T, 3)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    th, tw = tiles.shape[1:3]
+    grid = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[gap + r * (th + gap):gap + r * (th + gap) + th, gap + c * (tw + gap):gap + c * (tw + gap) + tw] = tile
+    return grid
+
+
+# 3 x 5 pixel digits for tick labels.
+_FONT = {'0': '111101101101111', '1': '010110010010111', '2': '111001111100111', '3': '111001111001111',
+         '4': '101101111001001', '5': '111100111001111', '6': '111100111101111', '7': '111001001001001',
+         '8': '111101111101111', '9': '111101111001111', '.': '000000000000010', '-': '000000111000000'}
+
+
+def draw_text(img, x, y, text, color=(0, 0, 0), scale=2):
+    """Draw digits, '.' and '-' with their top-left corner at (x, y)."""
+    for ch in text:
+        glyph = np.array([int(b) for b in _FONT[ch]], bool).reshape(5, 3)
+        glyph = np.kron(glyph, np.ones((scale, scale), bool))
+        ys, xs = np.nonzero(glyph)
+        ok = (y + ys < img.shape[0]) & (x + xs < img.shape[1]) & (y + ys >= 0) & (x + xs >= 0)
+        img[y + ys[ok], x + xs[ok]] = color
+        x += 4 * scale
+
+
+def draw_dots(img, xs, ys, color, radius=1):
+    """Square dots at pixel coordinates (xs, ys); color (3,) or (n, 3)."""
+    xs, ys = np.round(xs).astype(int), np.round(ys).astype(int)
+    color = np.broadcast_to(np.asarray(color, np.uint8), (len(xs), 3))
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            yy, xx = ys + dy, xs + dx
+            ok = (yy >= 0) & (yy < img.shape[0]) & (xx >= 0) & (xx < img.shape[1])
+            img[yy[ok], xx[ok]] = color[ok]
+
+
+def draw_line(img, x0, y0, x1, y1, color, radius=0):
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    draw_dots(img, np.linspace(x0, x1, n), np.linspace(y0, y1, n), color, radius)
+
+
+# ----------------------------------------------------------------------------------------------
+# The thesis' analysis figures: a values of every RG-LRU layer
+
+# Depth order of a SkipBlock's parts in pf.py (thesis Figure 3.2): the layers before the pooling,
+# the inner (deeper) SkipBlock, the layers after. Other keys follow by name, list items by index.
+_DEPTH_RANK = {'before': 0, 'down_pool': 1, 'inner': 2, 'up_pool': 3, 'after': 4}
+
+
+def _depth_key(name):
+    return (_DEPTH_RANK.get(name, 5), int(name) if name.isdigit() else -1, name)
+
+
+def rglru_a_values(params):
+    """[(path, complex a (N,))] for every RG-LRU layer of a Poolformer parameter tree, in the order the
+    network applies them. An RG-LRU is a dict holding 'lambda_': a = sigmoid(lambda_) exp(i theta)
+    (complex) or sigmoid(lambda_) (real, no theta).
+    Depth order ASSUMES pf.py's layout: a SkipBlock runs 'before' -> 'inner' -> 'after' (_DEPTH_RANK),
+    and a layer stack keeps its L layers on a leading axis, so a 2-D lambda_ (L, N) is L layers,
+    listed as path[0] .. path[L-1]."""
+    found = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if 'lambda_' in node:
+                mag = 1 / (1 + np.exp(-np.asarray(node['lambda_'], np.float64)))
+                theta = np.asarray(node['theta'], np.float64) if 'theta' in node else np.zeros_like(mag)
+                a = mag * np.exp(1j * theta)
+                found.extend([(f'{path}[{i}]', row) for i, row in enumerate(a)] if a.ndim == 2 else [(path, a)])
+                return
+            for k in sorted(node, key=lambda k: _depth_key(str(k))):
+                walk(node[k], f'{path}/{k}' if path else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f'{path}/{i}' if path else str(i))
+    walk(params, '')
+    return found
+
+
+def figure_mean_abs_a(a_values, size=(320, 560), margin=50):
+    """Figure 4.9: mean |a| of each RG-LRU layer (x: depth, first layer left; y: mean |a|)."""
+    h, w = size
+    means = np.array([np.abs(a).mean() for _, a in a_values])
+    lo = min(0.9, math.floor(means.min() * 10) / 10) if len(means) else 0.0
+    img = np.full((h, w, 3), 255, np.uint8)
+    x0, x1, y0, y1 = margin, w - 20, 20, h - margin              # plot area (y0 top)
+    to_x = lambda i: x0 + (x1 - x0) * (i / max(len(means) - 1, 1))
+    to_y = lambda v: y1 - (y1 - y0) * (v - lo) / (1.0 - lo)
+    for v in np.linspace(lo, 1.0, 5):                             # grid and y tick labels
+        draw_line(img, x0, to_y(v), x1, to_y(v), (225, 225, 225))
+        draw_text(img, 4, int(to_y(v)) - 5, f'{v:.3f}'[:5])
+    for edge in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
+        draw_line(img, *edge, (0, 0, 0))
+    for i in range(len(means)):                                   # x ticks: layer index
+        if i % max(1, len(means) // 12) == 0 or i == len(means) - 1:
+            draw_line(img, to_x(i), y1, to_x(i), y1 + 4, (0, 0, 0))
+            draw_text(img, int(to_x(i)) - 4, y1 + 8, str(i))
+    xs, ys = to_x(np.arange(len(means))), to_y(means)
+    for i in range(len(means) - 1):
+        draw_line(img, xs[i], ys[i], xs[i + 1], ys[i + 1], (31, 119, 180))
+    draw_dots(img, xs, ys, (31, 119, 180), radius=3)
+    return img, {'layers': [p for p, _ in a_values], 'mean_abs_a': means.tolist(), 'y_range': [lo, 1.0]}
+
+
+def figure_complex_plane(a_values, size=480, lim=1.1):
+    """Figure 4.7: every a in the complex plane, unit circle drawn; colour goes from blue (first
+    layer) to red (last)."""
+    img = np.full((size, size, 3), 255, np.uint8)
+    to_px = lambda v: (v + lim) / (2 * lim) * (size - 1)
+    draw_line(img, to_px(-lim), to_px(0), to_px(lim), to_px(0), (200, 200, 200))
+    draw_line(img, to_px(0), to_px(-lim), to_px(0), to_px(lim), (200, 200, 200))
+    phi = np.linspace(0, 2 * np.pi, 4 * size)
+    draw_dots(img, to_px(np.cos(phi)), to_px(np.sin(phi)), (0, 0, 0), radius=0)
+    for edge in ((0, 0, size - 1, 0), (0, size - 1, size - 1, size - 1), (0, 0, 0, size - 1),
+                 (size - 1, 0, size - 1, size - 1)):
+        draw_line(img, *edge, (0, 0, 0))
+    n = len(a_values)
+    for depth, (_, a) in enumerate(a_values):
+        t = depth / max(n - 1, 1)
+        color = np.round(np.array([214, 39, 40]) * t + np.array([31, 119, 180]) * (1 - t))
+        a = np.ravel(a)
+        draw_dots(img, to_px(a.real), to_px(-a.imag), color, radius=1)   # imaginary axis up
+    return img, {'layers': [p for p, _ in a_values], 'real': [np.ravel(a).real.tolist() for _, a in a_values],
+                 'imag': [np.ravel(a).imag.tolist() for _, a in a_values], 'limits': [-lim, lim]}
+
+
+def _checkpoint_npz(path):
+    """A checkpoint directory (ema.npz preferred, as the thesis evaluates the EMA weights, else
+    params.npz) or an .npz file."""
+    if os.path.isdir(path):
+        for name in ('ema.npz', 'params.npz'):
+            if os.path.exists(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f'{path}: no ema.npz or params.npz')
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def _split_audio(split, encoding):
+    import data  # data.py is only needed by the commands
+    audio = data.decode(split.tokens, encoding)
+    audio = np.where(np.arange(audio.shape[1])[None, :] < split.lengths[:, None], audio, 0.0)  # padding -> 0
+    return fit_length(audio)
+
+
+def cmd_train_classifier(args):
+    """Train the digit classifier on the dataset's training split. It sees the 8-bit audio decoded
+    from the tokens (data.decode), the same kind of audio the generative model produces."""
+    import data  # data.py is only needed by the commands
+    ds = data.load(args.dataset, data_dir=args.data_dir, size=args.size)  # before any JAX computation
+    if ds.sample_rate != SAMPLE_RATE:
+        raise SystemExit(f'{args.dataset}: {ds.sample_rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
+    out = args.out or os.path.join(args.data_dir, f'classifier-{args.dataset}')
+    train_audio = _split_audio(ds.train, ds.encoding)
+    val_images = mel_features(_split_audio(ds.validation, ds.encoding))
+    test_audio = _split_audio(ds.test, ds.encoding)
+    print(f'{args.dataset}: train {len(train_audio)}, validation {len(val_images)}, test {len(test_audio)} clips')
+    t0 = time.perf_counter()
+    params, info = train_classifier(jax.random.key(args.seed), train_audio, ds.train.labels,
+                                    val_images, ds.validation.labels, steps=args.steps, batch=args.batch,
+                                    lr=args.lr)
+    train_time = time.perf_counter() - t0
+    test_acc = accuracy(params, mel_features(test_audio), ds.test.labels)
+    print(f'best validation accuracy {info["val_acc"]:.4f} at step {info["best_step"]}; '
+          f'test accuracy {test_acc:.4f}; training took {train_time:.0f} s')
+
+    feats, probs = classify(params, mel_features(train_audio))
+    mu, sigma = gaussian_stats(feats)
+    stats = {'mu': mu, 'sigma': sigma, 'mean_probs': probs.mean(0)}
+    # Sanity rows: held-out clips should score FID ~ 0 and IS ~ K; noise and silence far worse.
+    rng = np.random.default_rng(0)
+    n = len(test_audio)
+    reference = {'held-out test clips': scores(params, stats, test_audio),
+                 'white noise': scores(params, stats, rng.uniform(-1, 1, (n, CLIP_SAMPLES)).astype(np.float32)),
+                 'silence': scores(params, stats, np.zeros((n, CLIP_SAMPLES), np.float32))}
+    print(format_table(list(reference.items())))
+    config = {'dataset': args.dataset, 'size': args.size, 'encoding': ds.encoding, 'widths': [16, 32, 64],
+              'steps': args.steps, 'batch': args.batch, 'lr': args.lr, 'seed': args.seed,
+              'best_step': info['best_step'], 'val_accuracy': info['val_acc'], 'test_accuracy': test_acc,
+              'train_seconds': round(train_time, 1), 'reference_scores': reference}
+    save_classifier(out, params, config, stats)
+    print(f'saved {out}')
+
+
+def cmd_evaluate(args):
+    import data  # data.py is only needed by the commands
+    cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
+    params, config, stats = load_classifier(cdir)
+    paths = sorted(os.path.join(args.samples, f) for f in os.listdir(args.samples) if f.lower().endswith('.wav'))
+    if len(paths) < 2:
+        raise SystemExit(f'{args.samples}: need at least 2 .wav files, found {len(paths)}')
+    clips = []
+    for p in paths:
+        audio, rate = data.read_wav(p)
+        if rate != SAMPLE_RATE:
+            raise SystemExit(f'{p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
+        clips.append(fit_length(np.asarray(audio, np.float32).reshape(1, -1))[0])
+    result = scores(params, stats, np.stack(clips))
+    result['nll'] = model_test_nll(args.checkpoint) if args.checkpoint else None
+    rows = [(f'{os.path.basename(os.path.normpath(args.samples))} (n={len(clips)})', result)]
+    if 'held-out test clips' in config.get('reference_scores', {}):
+        ref = config['reference_scores']['held-out test clips']
+        rows.append((f'{config["dataset"]} test clips (n={ref["n"]})', ref))
+    print(format_table(rows))
+    print(f'classifier: {cdir} (test accuracy {config.get("test_accuracy", float("nan")):.4f}); '
+          f'FID/AM against its {config["dataset"]} training-set statistics')
+    out = args.out or os.path.join(args.samples, 'metrics.json')
+    save_json(out, {'samples': args.samples, 'checkpoint': args.checkpoint, 'classifier': cdir, **result,
+                    'reference': rows[1][1] if len(rows) > 1 else None})
+    print(f'wrote {out}')
+
+
+def cmd_figures(args):
+    if args.init:  # a freshly initialised baseline model (thesis Figure 4.7, left column)
+        import pf  # only this option needs the model code
+        params, source = pf.init(jax.random.key(args.seed), pf.Config(ring=args.init)), f'init ring={args.init}'
+        out = args.out or os.path.join('runs', f'figures-init-{args.init}')
+    elif args.checkpoint:
+        source = _checkpoint_npz(args.checkpoint)
+        params = load_params_npz(source)
+        out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(source))
+    else:
+        raise SystemExit('figures: give --checkpoint DIR or --init RING')
+    a_values = rglru_a_values(params)
+    if not a_values:
+        raise SystemExit(f'{source}: no RG-LRU parameters (no key lambda_)')
+    os.makedirs(out, exist_ok=True)
+    for name, draw in (('fig4_9_mean_abs_a', figure_mean_abs_a), ('fig4_7_a_complex_plane', figure_complex_plane)):
+        img, numbers = draw(a_values)
+        write_png(os.path.join(out, name + '.png'), img)
+        save_json(os.path.join(out, name + '.json'), {'source': source, **numbers})
+        print(f'wrote {os.path.join(out, name)}.png / .json')
+    means = [float(np.abs(a).mean()) for _, a in a_values]
+    print(f'{len(a_values)} RG-LRU layers; mean |a| first {means[0]:.4f}, last {means[-1]:.4f}, '
+          f'max {max(means):.4f} (layer {int(np.argmax(means))})')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM')
+    p.add_argument('--dataset', default='sc09-espeak')
+    p.add_argument('--data-dir', default='data')
+    p.add_argument('--size', default='default')
+    p.add_argument('--steps', type=int, default=1500)
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--lr', type=float, default=3e-3)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default=None, help='default: DATA_DIR/classifier-DATASET')
+    p.set_defaults(run=cmd_train_classifier)
+    p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)')
+    p.add_argument('--samples', required=True)
+    p.add_argument('--checkpoint', default=None, help='model checkpoint, for the test NLL column')
+    p.add_argument('--classifier', default=None, help='default: DATA_DIR/classifier-DATASET')
+    p.add_argument('--dataset', default='sc09-espeak')
+    p.add_argument('--data-dir', default='data')
+    p.add_argument('--out', default=None, help='JSON path; default SAMPLES/metrics.json')
+    p.set_defaults(run=cmd_evaluate)
+    p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth) and 4.7 (a in the complex plane)')
+    p.add_argument('--checkpoint', default=None, help='checkpoint directory (ema.npz or params.npz) or .npz')
+    p.add_argument('--init', default=None, metavar='RING', help='instead: a freshly initialised baseline, '
+                   'ring small | half | full | circle')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default=None, help='default: the checkpoint directory')
+    p.set_defaults(run=cmd_figures)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == '__main__':
+    main()
