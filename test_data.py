@@ -1,0 +1,554 @@
+"""Tests for data.py: each test names the property it checks. References are independent where
+possible: the stdlib `wave` module for WAV files, the Speech Commands hash rule re-derived here,
+analytic sines for resampling."""
+import ast
+import hashlib
+import io
+import math
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import types
+import wave
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+unit = st.floats(-1, 1, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokens
+
+def test_silence_is_token_128():
+    assert data.SILENCE == 128
+    assert data.mu_law_encode(0.0) == 128 and data.linear_encode(0.0) == 128
+    assert data.mu_law_encode(1.0) == 255 and data.mu_law_encode(-1.0) == 0
+    assert (data.encode(np.zeros(50), 'mu-law') == 128).all()          # a constant clip is silence
+    assert data.encode(np.array([-0.5, 0.0, 0.5]), 'mu-law')[1] == 128   # symmetric clip: 0 stays 0
+
+
+def reference_mu_law(x):
+    """SPEC.md's formula, scalar, with the math module."""
+    y = math.copysign(math.log(1 + 255 * abs(x)) / math.log(256), x)
+    return math.floor((y + 1) / 2 * (256 - 0.01) + 0.005)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(unit, min_size=1, max_size=50))
+def test_mu_law_matches_the_spec_formula(xs):
+    assert data.mu_law_encode(np.array(xs)).tolist() == [reference_mu_law(x) for x in xs]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(unit, min_size=1, max_size=200))
+def test_decode_of_encode_stays_within_one_quantisation_step(xs):
+    x = np.array(xs)
+    for enc, dec in ((data.mu_law_encode, data.mu_law_decode), (data.linear_encode, data.linear_decode)):
+        q = enc(x).astype(int)
+        # x lies between the neighbouring levels, so the error is below the local step
+        below, above = dec(np.maximum(q - 1, 0)), dec(np.minimum(q + 1, 255))
+        assert ((below <= x + 1e-6) & (x <= above + 1e-6)).all(), np.abs(dec(q) - x).max()
+        step = np.maximum(above - dec(q), dec(q) - below)
+        assert (np.abs(dec(q) - x) <= step + 1e-6).all(), np.abs(dec(q) - x).max()
+    assert np.abs(data.linear_decode(data.linear_encode(x)) - x).max() <= 2 / 255 + 1e-6
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(unit, min_size=2, max_size=100))
+def test_encodings_are_monotonic(xs):
+    x = np.sort(np.array(xs))
+    for enc in (data.mu_law_encode, data.linear_encode):
+        assert (np.diff(enc(x).astype(int)) >= 0).all()
+
+
+def test_every_level_is_reachable_and_decode_is_increasing():
+    x = np.linspace(-1, 1, 200001)
+    for enc, dec in ((data.mu_law_encode, data.mu_law_decode), (data.linear_encode, data.linear_decode)):
+        assert set(enc(x).tolist()) == set(range(256))
+        levels = dec(np.arange(256, dtype=np.uint8))
+        assert (np.diff(levels) > 0).all() and levels[0] == -1 and levels[-1] == 1
+
+
+def test_encode_scales_each_row_by_its_own_min_and_max():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(4, 300)) * np.array([[0.01], [1], [50], [3]]) + np.array([[0], [2], [-7], [0]])
+    for encoding in ('mu-law', 'linear'):
+        tokens = data.encode(rows, encoding)
+        assert tokens.dtype == np.uint8
+        for row, t in zip(rows, tokens):
+            assert (t == data.encode(row, encoding)).all()
+            assert t[row.argmin()] == 0 and t[row.argmax()] == 255
+    assert data.decode(data.encode(b'\x00\x07\xff', 'bytes'), 'bytes').tolist() == [0, 7, 255]
+    with pytest.raises(ValueError, match='unknown encoding'):
+        data.encode(rows, 'a-law')
+
+
+# ------------------------------------------------------------------------------------------------
+# WAV files
+
+def stdlib_wav(path, ints, width, channels=1, rate=16000):
+    """Write integer PCM with the stdlib wave module (the independent reference)."""
+    with wave.open(str(path), 'wb') as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        raw = np.asarray(ints)
+        if width == 1:
+            w.writeframes((raw + 128).astype(np.uint8).tobytes())
+        elif width == 3:
+            w.writeframes(b''.join(int(v).to_bytes(3, 'little', signed=True) for v in raw.ravel()))
+        else:
+            w.writeframes(raw.astype(f'<i{width}').tobytes())
+
+
+def raw_wav(path, tag, bits, channels, rate, payload, extensible=False):
+    """A WAV with a hand-written header (for formats the wave module cannot write)."""
+    frame = channels * bits // 8
+    fmt = struct.pack('<HHIIHH', 0xFFFE if extensible else tag, channels, rate, rate * frame, frame, bits)
+    if extensible:
+        fmt += struct.pack('<HHI', 22, bits, 0) + struct.pack('<H', tag) + b'\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71'
+    body = b'WAVE' + b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', len(payload)) + payload
+    with open(path, 'wb') as f:
+        f.write(b'RIFF' + struct.pack('<I', len(body)) + body)
+
+
+def test_write_wav_is_16_bit_mono_pcm_read_back_by_the_stdlib(tmp_path):
+    audio = np.array([0, 0.5, -0.5, 1, -1, 2, -2])
+    data.write_wav(tmp_path / 'a.wav', audio, 16000)
+    with wave.open(str(tmp_path / 'a.wav')) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 16000, 7)
+        ints = np.frombuffer(w.readframes(7), '<i2')
+    assert ints.tolist() == [0, 16384, -16384, 32767, -32767, 32767, -32767]    # rint(x * 32767), clipped
+    pcm = np.array([-32768, -1, 0, 1, 32767], np.int16)
+    data.write_wav(tmp_path / 'b.wav', pcm, 8000)
+    x, rate = data.read_wav(tmp_path / 'b.wav')
+    assert rate == 8000 and x.dtype == np.float32 and (x * 32768 == pcm).all()
+    assert sorted(os.listdir(tmp_path)) == ['a.wav', 'b.wav']                 # no temporary files left
+
+
+@pytest.mark.parametrize('width, scale', [(1, 128), (2, 2**15), (3, 2**23), (4, 2**31)])
+def test_integer_pcm_of_every_width_and_stereo_is_converted_to_float(tmp_path, width, scale):
+    rng = np.random.default_rng(width)
+    ints = rng.integers(-scale, scale, size=(100, 2))
+    stdlib_wav(tmp_path / 's.wav', ints, width, channels=2, rate=44100)
+    x, rate = data.read_wav(tmp_path / 's.wav')
+    assert rate == 44100 and x.shape == (100,)
+    np.testing.assert_allclose(x, ints.mean(axis=1) / scale, atol=1e-6)     # stereo -> mean of channels
+
+
+def test_float_and_extensible_wavs_are_read(tmp_path):
+    samples = np.array([0.25, -0.75, 0.5, 1.0], np.float32)
+    raw_wav(tmp_path / 'f32.wav', 3, 32, 1, 16000, samples.tobytes())
+    raw_wav(tmp_path / 'f64.wav', 3, 64, 1, 16000, samples.astype(np.float64).tobytes())
+    raw_wav(tmp_path / 'ext.wav', 1, 16, 1, 16000, (samples * 2**15).astype('<i2').tobytes()[:6] + b'\0\0',
+            extensible=True)
+    assert (data.read_wav(tmp_path / 'f32.wav')[0] == samples).all()
+    assert (data.read_wav(tmp_path / 'f64.wav')[0] == samples).all()
+    assert data.read_wav(tmp_path / 'ext.wav')[0].tolist() == [0.25, -0.75, 0.5, 0.0]
+
+
+def test_unreadable_wavs_raise_an_error_naming_the_file_and_the_reason(tmp_path):
+    good = tmp_path / 'good.wav'
+    data.write_wav(good, np.zeros(1000))
+    whole = good.read_bytes()
+    cases = {
+        'empty.wav': (b'', 'empty file'),
+        'truncated.wav': (whole[:1200], 'truncated'),
+        'header_only.wav': (whole[:30], 'truncated or short fmt chunk'),
+        'text.wav': (b'hello, this is not audio', 'not a RIFF/WAVE file'),
+    }
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    raw_wav(tmp_path / 'alaw.wav', 6, 8, 1, 8000, b'\x55' * 10)
+    raw_wav(tmp_path / 'nan.wav', 3, 32, 1, 16000, np.array([0, np.nan], np.float32).tobytes())
+    cases['alaw.wav'] = (None, 'unsupported encoding: format tag 6')
+    cases['nan.wav'] = (None, 'NaN or inf')
+    cases['missing.wav'] = (None, 'cannot open')
+    for name, (_, reason) in cases.items():
+        with pytest.raises(data.WavError) as e:
+            data.read_wav(tmp_path / name)
+        assert isinstance(e.value, ValueError) and str(tmp_path / name) in str(e.value)
+        assert reason in e.value.reason, (name, e.value.reason)
+
+
+@pytest.mark.parametrize('rate_in, rate_out', [(44100, 16000), (22050, 16000), (8000, 16000)])
+def test_resampling_keeps_a_tone_and_its_timing(rate_in, rate_out):
+    n = rate_in // 2
+    tone = np.sin(2 * np.pi * 1000 * np.arange(n) / rate_in)
+    out = data.resample(tone, rate_in, rate_out)
+    assert len(out) == math.ceil(n * rate_out / rate_in)
+    expected = np.sin(2 * np.pi * 1000 * np.arange(len(out)) / rate_out)
+    interior = slice(200, -200)                                   # away from the zero-padded edges
+    err = np.abs(out[interior] - expected[interior]).max()
+    assert err < 2e-3, err
+
+
+def test_resampling_removes_tones_above_the_new_nyquist_rate():
+    tone = np.sin(2 * np.pi * 10000 * np.arange(22050) / 44100)   # 10 kHz > 8 kHz
+    out = data.resample(tone, 44100, 16000)[200:-200]
+    assert np.sqrt(np.mean(out**2)) < 0.01 * np.sqrt(0.5), np.sqrt(np.mean(out**2))
+
+
+# ------------------------------------------------------------------------------------------------
+# The built-in set
+
+def tf_which_set(filename):
+    """The split rule as written in TensorFlow's speech_commands/input_data.py."""
+    hash_name = re.sub(r'_nohash_.*$', '', os.path.basename(filename))
+    percentage = (int(hashlib.sha1(hash_name.encode()).hexdigest(), 16) % (2**27)) * (100.0 / (2**27 - 1))
+    return 'validation' if percentage < 10 else 'test' if percentage < 20 else 'train'
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp('data')
+    ds = data.load('sc09-espeak', data_dir=str(data_dir), size='tiny')
+    return data_dir / 'sc09-espeak-tiny', ds
+
+
+def test_built_set_has_the_archive_layout_and_speaker_splits(tiny):
+    root, ds = tiny
+    files = sorted(f'{w}/{n}' for w in data.DIGITS for n in os.listdir(root / w))
+    assert len(files) == data.SIZES['tiny'] == 200
+    assert sorted(os.listdir(root)) == sorted([*data.DIGITS, 'build.json', 'testing_list.txt', 'validation_list.txt'])
+    lengths = []
+    for f in files:
+        assert re.fullmatch(r'(zero|one|two|three|four|five|six|seven|eight|nine)/[0-9a-f]{8}_nohash_\d+\.wav', f)
+        with wave.open(str(root / f)) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
+            assert 0 < w.getnframes() <= 16000
+            lengths.append(w.getnframes())
+    assert 0.05 < np.mean(np.array(lengths) < 16000) < 0.5      # some clips are shorter than 1 s
+    # the list files are exactly the archive's hash rule
+    for split, name in (('validation', 'validation_list.txt'), ('test', 'testing_list.txt')):
+        assert (root / name).read_text().split() == [f for f in files if tf_which_set(f) == split]
+    speakers = {s: {f.split('/')[1].split('_')[0] for f in files if tf_which_set(f) == s} for s in data.SPLITS}
+    assert not (speakers['train'] & speakers['validation'] or speakers['train'] & speakers['test']
+                or speakers['validation'] & speakers['test'])
+    # tiny: 20 speakers of 10 digits are exactly 16/2/2 speakers; default sizes are checked below
+    assert [len(getattr(ds, s)) for s in data.SPLITS] == [160, 20, 20]
+
+
+@pytest.mark.parametrize('count', [data.SIZES['default'], 1234])
+def test_built_split_sizes_are_within_2_percent_of_80_10_10(count):
+    clips = data.plan_clips(count, seed=0)
+    assert len(clips) == count and len({c.file for c in clips}) == count
+    fractions = [np.mean([tf_which_set(c.file) == s for c in clips]) for s in data.SPLITS]
+    assert np.abs(np.array(fractions) - [0.8, 0.1, 0.1]).max() <= 0.02, fractions
+    assert len({c.voice for c in clips}) > 50 and len({c.rate for c in clips}) > 50   # varied voices
+
+
+def test_the_same_seed_builds_byte_identical_files(tmp_path):
+    roots = [data.build_sc09_espeak(str(tmp_path / name), 20, seed) for name, seed in (('a', 5), ('b', 5), ('c', 6))]
+
+    def contents(root):
+        return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), 'rb').read()
+                for d, _, names in os.walk(root) for n in names}
+    a, b, c = (contents(r) for r in roots)
+    assert len(a) == 20 + 3 and a == b
+    assert a != c
+    mtime = os.path.getmtime(os.path.join(roots[0], 'build.json'))
+    data.build_sc09_espeak(roots[0], 20, 5)                        # complete: not rebuilt
+    assert os.path.getmtime(os.path.join(roots[0], 'build.json')) == mtime
+
+
+def test_build_in_a_process_with_jax_runs_in_a_subprocess(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'jax', types.ModuleType('jax'))
+    monkeypatch.setattr(os, 'fork', lambda: pytest.fail('forked a process that has imported JAX'))
+    root = data.build_sc09_espeak(str(tmp_path / 'b'), 10)
+    assert len(os.listdir(os.path.join(root, 'zero'))) == 1 and os.path.exists(os.path.join(root, 'build.json'))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading SC09-style folders
+
+def test_sc09_reader_gives_the_list_file_splits_labels_and_padding(tiny):
+    root, ds = tiny
+    assert (ds.name, ds.encoding, ds.sample_rate, ds.seq_len) == ('sc09-espeak', 'mu-law', 16000, 16000)
+    in_order = lambda files: sorted(files, key=lambda f: (data.DIGITS.index(f.split('/')[0]), f))  # rows: by digit, then name
+    validation = in_order((root / 'validation_list.txt').read_text().split())
+    test = in_order((root / 'testing_list.txt').read_text().split())
+    assert (len(ds.validation), len(ds.test), len(ds.train)) == (len(validation), len(test), 200 - len(validation) - len(test))
+    for split, listed in ((ds.validation, validation), (ds.test, test)):
+        assert split.tokens.shape == (len(listed), 16000) and split.tokens.dtype == np.uint8
+        assert split.labels.tolist() == [data.DIGITS.index(f.split('/')[0]) for f in listed]
+        for i in (0, len(listed) - 1):
+            audio, _ = data.read_wav(root / listed[i])
+            assert split.lengths[i] == len(audio)
+            assert (split.tokens[i, :len(audio)] == data.encode(audio, 'mu-law')).all()
+            assert (split.tokens[i, len(audio):] == data.SILENCE).all()
+    assert sorted(np.bincount(ds.train.labels).tolist()) == [16] * 10
+
+
+def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny, tmp_path):
+    root = tmp_path / 'sc09'
+    shutil.copytree(tiny[0], root)
+    first = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    started = time.perf_counter()
+    second = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert time.perf_counter() - started < 1.0
+    for s in data.SPLITS:
+        for field in ('tokens', 'lengths', 'labels'):
+            assert (getattr(getattr(first, s), field) == getattr(getattr(second, s), field)).all()
+    listed = min((root / 'validation_list.txt').read_text().split(), key=lambda f: (data.DIGITS.index(f.split('/')[0]), f))
+    data.write_wav(root / listed, np.linspace(-1, 1, 500))             # a different clip
+    third = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert third.validation.lengths[0] == 500
+    assert (third.validation.tokens[0, :500] == data.mu_law_encode(np.linspace(-1, 1, 500))).all()
+
+
+def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tiny, tmp_path, capsys):
+    root = tmp_path / 'sc09'
+    shutil.copytree(tiny[0], root)
+    wavs = sorted(root.glob('*/*.wav'))
+    wavs[0].write_bytes(wavs[0].read_bytes()[:500])                  # truncated
+    ds = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert sum(len(getattr(ds, s)) for s in data.SPLITS) == 199
+    err = capsys.readouterr().err
+    assert '1 of 200 files could not be read' in err and str(wavs[0]) in err and 'truncated' in err
+    data.load('sc09', data_dir=str(tmp_path), path=str(root))         # from the cache: reported again
+    assert '1 of 200 files could not be read' in capsys.readouterr().err
+    for w in wavs[1:4]:
+        w.write_bytes(b'')
+    with pytest.raises(data.DataError, match=r'4 of 200 files could not be read[\s\S]*empty file'):
+        data.load('sc09', data_dir=str(tmp_path), path=str(root))
+
+
+def test_other_rates_and_formats_are_converted_and_long_clips_rejected(tiny, tmp_path, capsys):
+    root = tmp_path / 'sc09'
+    shutil.copytree(tiny[0], root)
+    wavs = sorted(root.glob('*/*.wav'))
+    audio, _ = data.read_wav(wavs[0])
+    up = data.resample(audio, 16000, 44100)
+    stdlib_wav(wavs[0], np.round(np.stack([up, up], 1) * 2**23 * 0.99), 3, channels=2, rate=44100)
+    stdlib_wav(wavs[1], np.zeros(17000, int), 2)                      # 1.06 s
+    ds = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert sum(len(getattr(ds, s)) for s in data.SPLITS) == 199
+    assert 'longer than 1 s' in capsys.readouterr().err
+    rel = '/'.join(wavs[0].parts[-2:])
+    split = next(s for s in data.SPLITS if rel in [r for r, _ in data.sc09_files(str(root))[s]])
+    index = [r for r, _ in data.sc09_files(str(root))[split]].index(rel)
+    row = getattr(ds, split)
+    assert row.lengths[index] == len(audio)                           # 44.1 kHz stereo 24-bit -> 16 kHz
+    agree = np.mean(np.abs(row.tokens[index, :len(audio)].astype(int) - data.encode(audio, 'mu-law')) <= 2)
+    assert agree > 0.95, agree
+
+
+def test_a_missing_list_file_is_named(tiny, tmp_path):
+    root = tmp_path / 'sc09'
+    shutil.copytree(tiny[0], root)
+    os.remove(root / 'testing_list.txt')
+    with pytest.raises(data.DataError, match=r'testing_list.txt: missing list file'):
+        data.load('sc09', data_dir=str(tmp_path), path=str(root))
+
+
+# ------------------------------------------------------------------------------------------------
+# Beethoven, YouTubeMix and bytes
+
+def test_music_folders_use_natural_order_and_sashimis_88_6_6_split(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'beethoven'
+    folder.mkdir()
+    clips = {}
+    for i in range(25):                                              # file i has 100 + i samples
+        clips[i] = rng.uniform(-0.5, 0.5, 100 + i)
+        data.write_wav(folder / f'{i}.wav', clips[i])
+    ds = data.load('beethoven', data_dir=str(tmp_path), seq_len=200)
+    assert (ds.encoding, ds.seq_len) == ('linear', 200)
+    assert [len(getattr(ds, s)) for s in data.SPLITS] == [22, 1, 2]    # int(.88 n), int(.94 n)
+    assert ds.train.lengths.tolist() == list(range(100, 122))          # 2.wav before 10.wav
+    assert ds.validation.lengths.tolist() == [122] and ds.test.lengths.tolist() == [123, 124]
+    expected = data.linear_encode(data.minmax_scale(data.read_wav(folder / '24.wav')[0]))
+    assert (ds.test.tokens[1, :124] == expected).all() and (ds.test.tokens[1, 124:] == 128).all()
+    assert (ds.train.labels == -1).all()
+
+
+def test_youtubemix_cuts_long_files_into_rows_of_seq_len(tmp_path):
+    folder = tmp_path / 'youtube_mix'
+    folder.mkdir()
+    for i in range(10):
+        data.write_wav(folder / f'out{i:03d}.wav', np.sin(np.arange(450 + i) / 7) * 0.3)
+    ds = data.load('youtubemix', data_dir=str(tmp_path), seq_len=200)
+    assert ds.encoding == 'mu-law'
+    assert [len(getattr(ds, s)) for s in data.SPLITS] == [16, 2, 2]   # 2 rows a file, remainder dropped
+    assert (ds.train.lengths == 200).all()
+    x = data.read_wav(folder / 'out000.wav')[0]
+    assert (ds.train.tokens[1] == data.encode(x[200:400], 'mu-law')).all()
+    with pytest.raises(data.DataError, match='huggingface.co/datasets/krandiash/beethoven'):
+        data.load('beethoven', data_dir=str(tmp_path / 'nowhere'))
+
+
+def test_bytes_rows_cover_the_file_in_order_with_a_90_5_5_split(tmp_path):
+    content = bytes(np.random.default_rng(1).integers(0, 256, 10000, dtype=np.uint8)) + 'naïve text\n'.encode()
+    (tmp_path / 'f.bin').write_bytes(content)
+    ds = data.load('bytes', path=str(tmp_path / 'f.bin'), seq_len=64)
+    assert (ds.encoding, ds.sample_rate) == ('bytes', 0)
+    n_rows = math.ceil(len(content) / 64)
+    assert [len(getattr(ds, s)) for s in data.SPLITS] == [n_rows - 14, 7, 7]
+    joined = b''.join(bytes(row[:n]) for s in data.SPLITS for row, n in zip(getattr(ds, s).tokens, getattr(ds, s).lengths))
+    assert joined == content
+    assert (ds.test.tokens[-1, ds.test.lengths[-1]:] == data.SILENCE).all() and (ds.test.labels == -1).all()
+    with pytest.raises(data.DataError, match='need at least 3'):
+        data.load('bytes', path=str(tmp_path / 'f.bin'), seq_len=8000)
+    out = subprocess.run([sys.executable, 'data.py', '--dataset', 'bytes', '--path', str(tmp_path / 'f.bin'),
+                          '--seq-len', '64'], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f'bytes: train {n_rows - 14} | validation 7 | test 7 rows of 64 bytes tokens'
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+
+def small_split(n=23, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, length + 1, n).astype(np.int32)
+    tokens = np.full((n, length), data.SILENCE, np.uint8)
+    for i, k in enumerate(lengths):
+        tokens[i, :k] = rng.integers(0, 256, k)
+    return data.Split(tokens, lengths, np.arange(n, dtype=np.int32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32), st.integers(0, 5), st.integers(1, 8), st.integers(0, 10))
+def test_resuming_at_epoch_and_step_yields_what_an_uninterrupted_run_would(seed, epoch, batch_size, step):
+    split = small_split()
+    full = list(data.batches(split, batch_size, seed, epoch))
+    resumed = list(data.batches(split, batch_size, seed, epoch, step))
+    assert len(full) == data.steps_per_epoch(split, batch_size) == 23 // batch_size
+    assert len(resumed) == max(0, len(full) - step)
+    for (t1, m1), (t2, m2) in zip(full[step:], resumed):
+        assert (t1 == t2).all() and (m1 == m2).all()
+    rows = [r for tokens, _ in full for r in map(bytes, tokens)]
+    assert len(set(rows)) == len(rows)                                # no row twice in an epoch
+
+
+def test_batches_mask_real_tokens_and_reshuffle_each_epoch():
+    split = small_split()
+    lookup = {bytes(t): i for i, t in enumerate(split.tokens)}
+    orders = []
+    for epoch in range(3):
+        order = []
+        for tokens, mask in data.batches(split, 5, seed=7, epoch=epoch):
+            assert tokens.shape == mask.shape == (5, 12) and mask.dtype == bool
+            rows = [lookup[bytes(t)] for t in tokens]
+            assert (mask == (np.arange(12) < split.lengths[rows, None])).all()
+            order += rows
+        orders.append(order)
+    assert orders[0] != orders[1] != orders[2]
+    seen = [lookup[bytes(t)] for tokens, mask in data.eval_batches(split, 5) for t, m in zip(tokens, mask) if m.any()]
+    assert seen == list(range(23))                                    # every row once, in order, last batch padded
+
+
+# ------------------------------------------------------------------------------------------------
+# Real SC09: download, resume, sha256, safe extraction, offline message
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    return f'http://127.0.0.1:{port}/speech_commands_v0.02.tar.gz'
+
+
+def test_offline_fails_with_one_message_naming_the_url_layout_and_builtin_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, 'SC09_URL', closed_port_url())
+    assert data.main(['--dataset', 'sc09', '--data-dir', str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count('error:') == 1 and data.SC09_URL in err
+    assert 'zero/<speaker>_nohash_<n>.wav' in err and 'validation_list.txt' in err and '--dataset sc09-espeak' in err
+
+
+def make_archive(tiny_root, members_extra=()):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
+        for word in ('zero', 'one'):
+            for name in sorted(os.listdir(tiny_root / word))[:3]:
+                tar.add(tiny_root / word / name, arcname=f'./{word}/{name}')
+        for word in data.DIGITS[2:]:
+            tar.add(tiny_root / word / sorted(os.listdir(tiny_root / word))[0], arcname=f'{word}/x_nohash_0.wav')
+        tar.add(tiny_root / 'zero' / sorted(os.listdir(tiny_root / 'zero'))[0], arcname='bed/y_nohash_0.wav')
+        for name in ('validation_list.txt', 'testing_list.txt'):
+            info = tarfile.TarInfo(name)
+            info.size = len(b'zero/none.wav\n')
+            tar.addfile(info, io.BytesIO(b'zero/none.wav\n'))
+        for info in members_extra:
+            tar.addfile(info, io.BytesIO(b'evil\n' if info.isfile() else b''))
+    return buffer.getvalue()
+
+
+class RangeServer(BaseHTTPRequestHandler):
+    body, ranges = b'', []
+
+    def do_GET(self):
+        start = int(re.match(r'bytes=(\d+)-', self.headers.get('Range', 'bytes=0-')).group(1))
+        RangeServer.ranges.append(self.headers.get('Range'))
+        self.send_response(206 if start else 200)
+        self.send_header('Content-Length', str(len(self.body) - start))
+        self.end_headers()
+        self.wfile.write(self.body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_resumes_a_partial_file_verifies_sha256_and_extracts_only_digits(tiny, tmp_path, monkeypatch, capsys):
+    archive = make_archive(tiny[0])
+    RangeServer.body, RangeServer.ranges = archive, []
+    server = ThreadingHTTPServer(('127.0.0.1', 0), RangeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(data, 'SC09_URL', f'http://127.0.0.1:{server.server_port}/speech_commands_v0.02.tar.gz')
+        monkeypatch.setattr(data, 'SC09_SHA256', hashlib.sha256(archive).hexdigest())
+        (tmp_path / 'speech_commands_v0.02.tar.gz.part').write_bytes(archive[:1000])
+        ds = data.load('sc09', data_dir=str(tmp_path))
+        assert RangeServer.ranges == ['bytes=1000-']
+        assert (tmp_path / 'speech_commands_v0.02.tar.gz').read_bytes() == archive
+        assert sorted(os.listdir(tmp_path / 'sc09')) == sorted([*data.DIGITS, 'testing_list.txt', 'validation_list.txt'])
+        assert (len(ds.train), len(ds.validation), len(ds.test)) == (14, 0, 0)
+        assert 'downloading' in capsys.readouterr().err
+        # a corrupted download is deleted, with an error that says so
+        monkeypatch.setattr(data, 'SC09_SHA256', '0' * 64)
+        with pytest.raises(data.DataError, match='sha256'):
+            data.load('sc09', data_dir=str(tmp_path / 'other'))
+        assert not os.path.exists(tmp_path / 'other' / 'speech_commands_v0.02.tar.gz.part')
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize('kind', ['dotdot', 'absolute', 'symlink'])
+def test_extraction_refuses_members_that_escape_the_target(tiny, tmp_path, kind):
+    info = {'dotdot': tarfile.TarInfo('../evil'), 'absolute': tarfile.TarInfo(str(tmp_path / 'evil')),
+            'symlink': tarfile.TarInfo('zero/link.wav')}[kind]
+    if kind == 'symlink':
+        info.type, info.linkname = tarfile.SYMTYPE, '../../evil'
+    else:
+        info.size = 5
+    (tmp_path / 'a.tar.gz').write_bytes(make_archive(tiny[0], [info]))
+    (tmp_path / 'target').mkdir()
+    with pytest.raises(data.DataError, match=re.escape(repr(info.name))):
+        data.extract_sc09(str(tmp_path / 'a.tar.gz'), str(tmp_path / 'target' / 'sc09'))
+    assert sorted(os.listdir(tmp_path)) == ['a.tar.gz', 'target'] and os.listdir(tmp_path / 'target') == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Module hygiene
+
+def test_data_py_imports_only_numpy_and_the_standard_library():
+    tree = ast.parse(open(os.path.join(HERE, 'data.py')).read())
+    modules = {alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert modules - set(sys.stdlib_module_names) == {'numpy', 'espeakng_loader'}
+    code = 'import sys, data; assert "jax" not in sys.modules and "espeakng_loader" not in sys.modules'
+    subprocess.run([sys.executable, '-c', code], cwd=HERE, check=True)
