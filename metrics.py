@@ -91,10 +91,9 @@ def power_spectrogram(audio, n_fft, hop):
 def power_to_db(power):
     """dB relative to each clip's maximum, floored at AMIN and cut TOP_DB below the top:
     (N, ...) -> (N, ...) with values in [-TOP_DB, 0] (librosa power_to_db(ref=np.max))."""
-    axes = tuple(range(1, power.ndim))
     db = 10.0 * jnp.log10(jnp.maximum(power, AMIN))
-    db = db - 10.0 * jnp.log10(jnp.maximum(jnp.max(power, axis=axes, keepdims=True), AMIN))
-    return jnp.maximum(db, jnp.max(db, axis=axes, keepdims=True) - TOP_DB)
+    db = db - jnp.max(db, axis=tuple(range(1, power.ndim)), keepdims=True)  # log is monotonic: ref = max
+    return jnp.maximum(db, -TOP_DB)
 
 
 def mel_db(audio, sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop=HOP, n_mels=N_MELS):
@@ -236,10 +235,6 @@ def group_norm(params, x, groups=4, eps=1e-5):
     return g.reshape(b, h, w, c) * params['scale'] + params['bias']
 
 
-def dense_init(key, n_in, n_out):
-    return {'w': jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in), 'b': jnp.zeros(n_out)}
-
-
 def dense(params, x):
     return x @ params['w'] + params['b']
 
@@ -263,29 +258,34 @@ def res_block(params, x):
 
 
 def classifier_init(key, widths=(16, 32, 64), blocks_per_stage=1, n_classes=10):
-    """Stem conv -> stages of ResBlocks (32x32 -> 16x16 -> 8x8) -> norm -> mean pool -> dense."""
+    """Stem conv -> stages of ResBlocks (32x32 -> 16x16 -> 8x8) -> norm -> mean and max pool -> dense."""
     keys = iter(jax.random.split(key, 2 + len(widths) * blocks_per_stage))
     blocks, c = [], widths[0]
     for width in widths:
         for _ in range(blocks_per_stage):
             blocks.append(res_block_init(next(keys), c, width))
             c = width
-    return {'stem': conv_init(next(keys), 3, 1, widths[0]), 'blocks': blocks,
-            'head_norm': group_norm_init(c), 'head': dense_init(next(keys), c, n_classes)}
+    return {'stem': conv_init(next(keys), 3, 2, widths[0]), 'blocks': blocks,
+            'head_norm': group_norm_init(c),
+            'head': {'w': jnp.zeros((2 * c, n_classes)), 'b': jnp.zeros(n_classes)}}  # starts at log K
 
 
 def classifier_features(params, images):
-    """Penultimate features (the pooled activations FID uses): (B, M, T) dB images -> (B, C)."""
-    x = ((images + TOP_DB / 2) / (TOP_DB / 2))[..., None]           # [-80, 0] dB -> [-1, 1]; (B, M, T, 1)
+    """Penultimate features (the pooled activations FID uses): (B, M, T) dB images -> (B, 2C)."""
+    x = (images + TOP_DB / 2) / (TOP_DB / 2)                          # [-80, 0] dB -> [-1, 1]; (B, M, T)
+    # A second channel holds the band's position (-1 lowest, 1 highest): convolutions and pooling are
+    # shift invariant, and without it the network could not tell a low tone from a high one.
+    band = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, x.shape[1])[None, :, None], x.shape)
+    x = jnp.stack([x, band], axis=-1)                                 # (B, M, T, 2)
     x = conv(params['stem'], x)
     for block in params['blocks']:
         x = res_block(block, x)
     x = jax.nn.relu(group_norm(params['head_norm'], x))
-    return x.mean(axis=(1, 2))                                        # (B, C)
+    return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)  # (B, 2C): mean | max pool
 
 
 def classifier(params, images):
-    """(B, M, T) dB images -> (features (B, C), logits (B, K))."""
+    """(B, M, T) dB images -> (features (B, 2C), logits (B, K))."""
     feats = classifier_features(params, images)
     return feats, dense(params['head'], feats)
 

@@ -1,0 +1,348 @@
+"""Tests for metrics.py: each formula against an independent computation, the mel front end against
+the Slaney mel formula and librosa's values, the PNG writer, checkpoints, the classifier's training."""
+import json
+import math
+import os
+import struct
+import zlib
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+from hypothesis import given, settings, strategies as st
+
+import metrics
+
+
+def rand_probs(seed, n, k, sharpness=1.0):
+    logits = np.random.default_rng(seed).normal(size=(n, k)) * sharpness
+    return metrics.softmax64(logits)
+
+
+# ---------------------------------------------------------------- FID
+
+def fid_reference(a, b):
+    """SaShiMi's recipe: scipy.linalg.sqrtm of the covariance product."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = scipy.linalg.sqrtm(s_a @ s_b)
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * np.real(covmean)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(12, 60), f=st.integers(1, 8),
+       shift=st.floats(-3, 3), scale=st.floats(0.2, 3))
+def test_fid_matches_scipy_sqrtm(seed, n, f, shift, scale):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, f)) @ rng.normal(size=(f, f))
+    b = rng.normal(size=(n + 7, f)) * scale + shift
+    got, want = metrics.fid(a, b), fid_reference(a, b)
+    assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), f'fid {got} vs scipy {want}'
+
+
+def test_fid_extremes_and_mean_shift():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 16)) @ rng.normal(size=(16, 16))
+    assert metrics.fid(x, x) == pytest.approx(0.0, abs=1e-8)
+    c = rng.normal(size=16)
+    assert metrics.fid(x, x + c) == pytest.approx(np.sum(c ** 2), rel=1e-9)   # same covariance
+    # 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2 with s the standard deviations
+    a, b = rng.normal(size=(500, 1)), rng.normal(size=(400, 1)) * 3 + 2
+    want = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert metrics.fid(a, b) == pytest.approx(want, rel=1e-9)
+
+
+def test_fid_rejects_nan_features():
+    x = np.ones((5, 3))
+    x[2, 1] = np.nan
+    with pytest.raises(ValueError, match='NaN'):
+        metrics.fid(x, np.ones((5, 3)))
+
+
+# ---------------------------------------------------------------- IS, mIS, AM by direct loops
+
+def kl_loop(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def is_loop(probs):
+    n, k = probs.shape
+    marginal = [sum(probs[i][j] for i in range(n)) / n for j in range(k)]
+    return math.exp(sum(kl_loop(probs[i], marginal) for i in range(n)) / n)
+
+
+def mis_loop(probs):
+    n = len(probs)
+    return math.exp(sum(kl_loop(probs[i], probs[j]) for i in range(n) for j in range(n)) / n ** 2)
+
+
+def am_loop(probs_train, probs_gen):
+    k = probs_train.shape[1]
+    mean_t = [sum(p[j] for p in probs_train) / len(probs_train) for j in range(k)]
+    mean_g = [sum(p[j] for p in probs_gen) / len(probs_gen) for j in range(k)]
+    entropy = sum(-sum(pj * math.log(pj) for pj in p if pj > 0) for p in probs_gen) / len(probs_gen)
+    return kl_loop(mean_t, mean_g) + entropy
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 25), k=st.integers(2, 12),
+       sharpness=st.floats(0.1, 8))
+def test_scores_match_direct_loops(seed, n, k, sharpness):
+    p = rand_probs(seed, n, k, sharpness)
+    q = rand_probs(seed + 1, n + 3, k, sharpness)
+    assert metrics.inception_score(p) == pytest.approx(is_loop(p), rel=1e-9)
+    assert metrics.modified_inception_score(p) == pytest.approx(mis_loop(p), rel=1e-9)
+    assert metrics.am_score(q, p) == pytest.approx(am_loop(q, p), rel=1e-9, abs=1e-12)
+    assert 1 - 1e-9 <= metrics.inception_score(p) <= k + 1e-9
+
+
+def test_score_extremes():
+    k = 10
+    confident_spread = np.eye(k)[np.arange(50) % k]
+    assert metrics.inception_score(confident_spread) == pytest.approx(k)
+    constant = np.tile(rand_probs(0, 1, k), (50, 1))
+    assert metrics.inception_score(constant) == pytest.approx(1.0)
+    assert metrics.modified_inception_score(constant) == pytest.approx(1.0)
+    assert metrics.am_score(confident_spread, confident_spread) == pytest.approx(0.0, abs=1e-12)
+    # uniform predictions: nothing learnt, AM = entropy = log K
+    assert metrics.am_score(confident_spread, np.full((7, k), 1 / k)) == pytest.approx(math.log(k))
+    # one-hot predictions of different classes have infinite pairwise KL: mIS is infinite, as it should be
+    assert metrics.modified_inception_score(confident_spread) == math.inf
+
+
+def test_scores_reject_bad_probabilities():
+    p = rand_probs(0, 4, 3)
+    p[1, 1] = np.nan
+    with pytest.raises(ValueError, match='NaN'):
+        metrics.inception_score(p)
+    with pytest.raises(ValueError, match='probability'):
+        metrics.am_score(np.ones((3, 3)), rand_probs(1, 3, 3))
+
+
+# ---------------------------------------------------------------- mel front end
+
+def slaney_mel(f):
+    """Slaney's Auditory Toolbox mel scale, written out: 3 f / 200 below 1 kHz, then
+    15 + 27 ln(f / 1000) / ln 6.4."""
+    return 3 * f / 200 if f < 1000 else 15 + 27 * math.log(f / 1000) / math.log(6.4)
+
+
+def slaney_hz(m):
+    return 200 * m / 3 if m < 15 else 1000 * math.exp((m - 15) * math.log(6.4) / 27)
+
+
+def test_mel_scale_and_filterbank_against_formula():
+    for f in (0.0, 200.0, 999.0, 1000.0, 2500.0, 8000.0):
+        assert metrics.hz_to_mel(f) == pytest.approx(slaney_mel(f), abs=1e-9)
+        assert metrics.mel_to_hz(slaney_mel(f)) == pytest.approx(f, abs=1e-6)
+    fb = metrics.mel_filterbank(16000, 2048, 32)
+    assert fb.shape == (32, 1025)
+    top = slaney_mel(8000)
+    centers = [slaney_hz(top * (i + 1) / 33) for i in range(32)]
+    bin_hz = 16000 / 2048
+    # each filter peaks at the FFT bin nearest its centre (the peak may straddle two bins)
+    for i, c in enumerate(centers):
+        assert abs(np.argmax(fb[i]) * bin_hz - c) <= bin_hz
+    # norm='slaney': every triangle has unit area in Hz (checked on bands many bins wide)
+    widths = [slaney_hz(top * (i + 2) / 33) - slaney_hz(top * i / 33) for i in range(32)]
+    for i in range(32):
+        if widths[i] > 20 * bin_hz:
+            assert fb[i].sum() * bin_hz == pytest.approx(1.0, rel=0.02)
+
+
+@settings(max_examples=30, deadline=None)
+@given(band=st.integers(0, 31), offset=st.floats(-0.3, 0.3), amp=st.floats(0.01, 1.0),
+       phase=st.floats(0, 6.28))
+def test_pure_tone_lands_in_its_mel_band(band, offset, amp, phase):
+    top = slaney_mel(8000)
+    spacing = top / 33
+    f = slaney_hz(spacing * (band + 1 + offset))     # band's centre, up to 0.3 bands off
+    t = np.arange(16000) / 16000
+    image = metrics.mel_features((amp * np.sin(2 * np.pi * f * t + phase))[None])[0]   # (M, T)
+    assert image.shape == (32, 32)
+    got = int(np.argmax(image[:, 2:-2].mean(1)))      # away from the reflect-padded edges
+    assert got == band, f'{f:.1f} Hz: loudest band {got}, expected {band}'
+
+
+def test_mel_features_shapes_range_and_length_fix():
+    rng = np.random.default_rng(0)
+    speechlike = rng.normal(size=(3, 20000)).astype(np.float32) * np.linspace(0, 1, 20000) ** 3
+    feats = metrics.mel_features(speechlike)
+    assert feats.shape == (3, 32, 32) and feats.dtype == np.float32
+    assert np.allclose(feats.max(axis=(1, 2)), 0.0, atol=1e-4)      # dB relative to the clip's maximum
+    assert feats.min() >= -80.0 - 1e-4
+    # longer clips are cut, shorter ones zero-padded to 16000 samples
+    np.testing.assert_array_equal(feats, metrics.mel_features(speechlike[:, :16000]))
+    short = speechlike[:, :7000]
+    np.testing.assert_array_equal(metrics.mel_features(short),
+                                  metrics.mel_features(np.pad(short, ((0, 0), (0, 9000)))))
+    # a quiet tone after silence uses the full 80 dB range; silence is 0 dB everywhere (ref = max = floor)
+    tone = np.concatenate([np.zeros(8000), 0.3 * np.sin(np.arange(8000) * 0.5)])[None]
+    img = metrics.mel_features(tone)[0]
+    assert img.min() == pytest.approx(-80.0) and img.max() == pytest.approx(0.0, abs=1e-4)
+    np.testing.assert_allclose(metrics.mel_features(np.zeros((1, 16000))), 0.0, atol=1e-5)
+
+
+# librosa 0.11: power_to_db(melspectrogram(y, sr=16000, n_mels=32, pad_mode='reflect'), ref=np.max),
+# computed once outside this project (which uses no audio library).
+LIBROSA_TONES_FRAME_0 = [
+    -20.775, -19.637, -17.605, -5.818, -0.475, -15.174, -23.806, -28.445, -31.982, -34.991, -37.803,
+    -40.622, -43.729, -47.439, -52.51, -61.173, -58.465, -51.215, -46.479, -42.133, -36.439, -15.607,
+    -14.557, -34.934, -40.692, -44.089, -46.598, -48.59, -50.206, -51.499, -52.476, -53.107]
+LIBROSA_TONES_FRAME_20 = [
+    -80, -80, -75.426, -6.403, 0, -48.156, -80, -80, -80, -80, -80, -80, -80, -80, -80, -80, -80, -80,
+    -80, -80, -80, -15.535, -14.48, -80, -80, -80, -36.755, -27.492, -34.288, -80, -80, -80]
+LIBROSA_CHIRP_BAND_20 = [
+    -63.326, -69.347, -80, -80, -80, -80, -80, -80, -80, -80, -60.847, -27.397, -16.215, -13.513,
+    -17.541, -29.897, -65.395, -80, -58.817, -55.948, -65.821, -80, -80, -80, -80, -80, -80, -80, -80,
+    -80, -80, -80]
+
+
+def test_mel_features_match_librosa_values():
+    t = np.arange(16000) / 16000
+    tones = (0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3000 * t)
+             + 0.05 * np.sin(2 * np.pi * (50 * t + 3900 * t ** 2)))
+    chirp = (np.sin(2 * np.pi * (100 * t + 3000 * t ** 2)) * np.exp(-3 * t))[:9600]  # 0.6 s, zero-padded
+    img_tones, img_chirp = metrics.mel_features(np.stack([tones, np.pad(chirp, (0, 6400))]).astype(np.float32))
+    for got, want in ((img_tones[:, 0], LIBROSA_TONES_FRAME_0), (img_tones[:, 20], LIBROSA_TONES_FRAME_20),
+                      (img_chirp[20, :], LIBROSA_CHIRP_BAND_20)):
+        diff = np.abs(got - np.array(want))
+        assert diff.max() < 5e-3, f'largest difference from librosa {diff.max():.4f} dB'
+
+
+# ---------------------------------------------------------------- PNG, checkpoints
+
+def read_png(path):
+    """Independent minimal decoder for the PNGs write_png makes (8-bit, filter 0)."""
+    data = open(path, 'rb').read()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack('>I', data[pos:pos + 4])
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack('>I', data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(tag + body), f'bad CRC in {tag}'
+        chunks.append((tag, body))
+        pos += 12 + length
+    assert [t for t, _ in chunks] == [b'IHDR', b'IDAT', b'IEND']
+    w, h, depth, color = struct.unpack('>IIBB', chunks[0][1][:10])
+    channels = {0: 1, 2: 3}[color]
+    raw = np.frombuffer(zlib.decompress(chunks[1][1]), np.uint8).reshape(h, 1 + w * channels)
+    assert depth == 8 and (raw[:, 0] == 0).all()
+    img = raw[:, 1:].reshape(h, w, channels)
+    return img[..., 0] if channels == 1 else img
+
+
+@pytest.mark.parametrize('shape', [(7, 5), (4, 9, 3), (1, 1)])
+def test_png_round_trip(tmp_path, shape):
+    img = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    metrics.write_png(str(tmp_path / 'x.png'), img)
+    np.testing.assert_array_equal(read_png(str(tmp_path / 'x.png')), img)
+
+
+def test_spectrogram_grid_tiles(tmp_path):
+    t = np.arange(16000) / 16000
+    clips = np.stack([np.sin(2 * np.pi * f * t) for f in (200, 1000, 3000, 6000, 500)])
+    grid = metrics.spectrogram_grid(clips, 16000)
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+    # 5 clips -> 3 columns x 2 rows of 48 x 129 tiles (hop 125, centred frames) with 2-pixel gaps
+    assert grid.shape[:2] == (2 * 50 + 2, 3 * 131 + 2)
+    # higher tones light up rows nearer the top of their tile
+    rows = [np.argmax(grid[2:50, 2 + c * 131:2 + c * 131 + 129].astype(int).sum(axis=(1, 2))) for c in range(3)]
+    assert rows[0] > rows[1] > rows[2]
+    metrics.write_png(str(tmp_path / 'grid.png'), grid)
+    np.testing.assert_array_equal(read_png(str(tmp_path / 'grid.png')), grid)
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    params = metrics.classifier_init(jax.random.key(0), widths=(8, 16), n_classes=3)
+    path = str(tmp_path / 'params.npz')
+    metrics.save_params_npz(path, params)
+    with np.load(path, allow_pickle=False) as f:
+        assert 'blocks/1/shortcut/w' in f.files
+    loaded = metrics.load_params_npz(path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert not os.path.exists(path + '.tmp')
+
+
+# ---------------------------------------------------------------- classifier
+
+def tone_set(n, seed):
+    """Three classes of 1 s clips: a tone at 300, 1000 or 3000 Hz, random phase and onset."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    t = np.arange(16000) / 16000
+    freqs = np.array([300.0, 1000.0, 3000.0])[labels]
+    audio = np.sin(2 * np.pi * freqs[:, None] * t + rng.uniform(0, 6, (n, 1)))
+    audio *= (t[None, :] > rng.uniform(0, 0.5, (n, 1)))
+    return audio.astype(np.float32), labels
+
+
+def test_classifier_loss_decreases_in_a_few_steps():
+    audio, labels = tone_set(48, 0)
+    params = metrics.classifier_init(jax.random.key(0), widths=(8, 16), n_classes=3)
+    optimizer = metrics.make_optimizer(lr=1e-2, steps=30)
+    train_step = metrics.make_train_step(optimizer, augment=True)
+    opt_state = optimizer.init(params)
+    losses = []
+    for step in range(30):
+        idx = np.arange(16) + 16 * (step % 3)
+        params, opt_state, loss, _ = train_step(params, opt_state, jax.random.key(step), audio[idx], labels[idx])
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), f'losses {losses}'
+    feats, probs = metrics.classify(params, metrics.mel_features(audio))
+    assert feats.shape == (48, 32) and probs.shape == (48, 3)   # mean | max pooled 16 channels
+    assert np.allclose(probs.sum(1), 1.0)
+
+
+def test_augmentation_keeps_length_and_shifts_in_time():
+    audio = np.zeros(16000, np.float32)
+    audio[8000] = 1.0
+    outs = np.stack([np.asarray(metrics.augment_audio(jax.random.key(i), audio)) for i in range(20)])
+    assert outs.shape == (20, 16000) and np.isfinite(outs).all()
+    peaks = np.abs(outs).argmax(1)
+    assert np.all(np.abs(peaks - 8000) <= metrics.MAX_SHIFT) and len(set(peaks)) > 1
+    img = np.asarray(metrics.mask_image(jax.random.key(3), np.zeros((32, 32), np.float32), max_width=4))
+    assert set(np.unique(img)) <= {0.0, -80.0}
+
+
+# ---------------------------------------------------------------- figures
+
+def rglru(lam, theta=None):
+    return {'gate_a': {'w': np.zeros(1)}, 'lambda_': lam, **({} if theta is None else {'theta': theta})}
+
+
+def test_rglru_a_values_in_depth_order_and_figures(tmp_path):
+    """A pf.py-shaped tree: SkipBlock 'before' -> 'inner' -> 'after', stacks of L layers on axis 0."""
+    def stack(mags, phase):
+        lam = np.log(np.array(mags) / (1 - np.array(mags)))[:, None] * np.ones((1, 4))   # (L, N)
+        return {'temporal': {'branch': {'rglru': rglru(lam, np.full_like(lam, phase))}}, 'mlp': {}}
+    params = {'head': {'w': np.zeros(2)},
+              'skip_block': {'after': stack([0.5, 0.6], 0.3), 'before': stack([0.1, 0.2], 0.1),
+                             'down_pool': {}, 'up_pool': {},
+                             'inner': {'layers': stack([0.3, 0.4], 0.2)}}}
+    a_values = metrics.rglru_a_values(params)
+    assert [p for p, _ in a_values] == [
+        'skip_block/before/temporal/branch/rglru[0]', 'skip_block/before/temporal/branch/rglru[1]',
+        'skip_block/inner/layers/temporal/branch/rglru[0]', 'skip_block/inner/layers/temporal/branch/rglru[1]',
+        'skip_block/after/temporal/branch/rglru[0]', 'skip_block/after/temporal/branch/rglru[1]']
+    np.testing.assert_allclose([np.abs(a).mean() for _, a in a_values], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    np.testing.assert_allclose(np.angle(a_values[2][1]), 0.2)
+    real = metrics.rglru_a_values({'x': rglru(np.array([0.0, 0.0]))})
+    np.testing.assert_allclose(real[0][1], [0.5, 0.5])
+
+    img, numbers = metrics.figure_mean_abs_a(a_values)
+    assert img.dtype == np.uint8 and img.shape[2] == 3
+    np.testing.assert_allclose(numbers['mean_abs_a'], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    img, numbers = metrics.figure_complex_plane(a_values)
+    np.testing.assert_allclose(numbers['real'][0], 0.1 * np.cos(0.1))
+    # figures command on a saved checkpoint: PNG + JSON beside it
+    metrics.save_params_npz(str(tmp_path / 'ema.npz'), params)
+    metrics.main(['figures', '--checkpoint', str(tmp_path)])
+    with open(tmp_path / 'fig4_9_mean_abs_a.json') as f:
+        np.testing.assert_allclose(json.load(f)['mean_abs_a'], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert read_png(str(tmp_path / 'fig4_7_a_complex_plane.png')).shape == (480, 480, 3)
