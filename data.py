@@ -246,17 +246,15 @@ def resample(audio, rate_in, rate_out, zero_crossings=16):
     fc = 0.5 * 0.95 * min(1.0, up / down)                        # cutoff, cycles per input sample
     half = math.ceil(zero_crossings / (2 * fc))                  # filter half-width, input samples
     taps = np.arange(-half + 1, half + 1)                        # (T,) input offsets around floor(t)
-    filters = _sinc_lowpass(taps[None, :] - np.arange(up)[:, None] / up, fc, half)  # (up, T)
+    filters = _sinc_lowpass(taps[None, :] - np.arange(up)[:, None] / up, fc, half)  # (up, T) per phase
     filters /= filters.sum(axis=1, keepdims=True)                # unit gain at DC for every phase
     n_out = -(-len(audio) * up // down)                          # ceil(len * rate_out / rate_in)
+    base, phase = np.divmod(np.arange(n_out) * down, up)         # output m sits at input base + phase/up
     padded = np.concatenate([np.zeros(half), audio, np.zeros(half + 1)])
-    out = np.empty(n_out, np.float32)
-    for start in range(0, n_out, 8192):
-        m = np.arange(start, min(start + 8192, n_out))
-        base, phase = np.divmod(m * down, up)                    # output m sits at input base + phase/up
-        window = padded[base[:, None] + taps + half]             # (n, T)
-        out[start:start + len(m)] = np.einsum('nt,nt->n', window, filters[phase])
-    return out
+    out = np.zeros(n_out)
+    for j, tap in enumerate(taps):                               # one tap at a time: small temporaries
+        out += padded[base + tap + half] * filters[phase, j]
+    return out.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -638,19 +636,27 @@ def plan_clips(count, seed=0):
     return clips
 
 
-def _espeak(text, voice, rate, pitch, pitch_range):
-    """int16 speech at 22,050 Hz from libespeak-ng via ctypes. Only call in a fresh child process:
-    the library keeps state between utterances."""
+def _espeak_library():
+    """libespeak-ng through ctypes, initialised, with its voice list read once: forked children then
+    skip re-reading ~300 voice files for every clip."""
     import ctypes
     import espeakng_loader
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
     lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                  ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-    AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
-    RATE, PITCH, RANGE = 1, 3, 4                                  # espeak_PARAMETER
+    lib.espeak_ListVoices.restype = ctypes.c_void_p
+    AUDIO_OUTPUT_SYNCHRONOUS = 2
     if lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0) != ESPEAK_RATE:
         raise RuntimeError('espeak_Initialize failed')
+    lib.espeak_ListVoices(None)
+    return lib
+
+
+def _espeak(lib, text, voice, rate, pitch, pitch_range):
+    """int16 speech at 22,050 Hz. Call once per process: the library keeps state between utterances."""
+    import ctypes
+    POS_CHARACTER, CHARS_UTF8, RATE, PITCH, RANGE = 1, 1, 1, 3, 4  # speak_lib.h enums
     chunks = []
 
     @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
@@ -675,10 +681,10 @@ def _lowpass(x, cutoff_hz, half=64):
     return np.convolve(x, h / h.sum(), mode='same')
 
 
-def synthesise(clip):
+def synthesise(lib, clip):
     """One clip of the built-in set: 16 kHz int16, at most 16,000 samples."""
     word = clip.file.split('/')[0]
-    speech = _espeak(word, clip.voice, clip.rate, clip.pitch, clip.pitch_range) / 32768.0
+    speech = _espeak(lib, word, clip.voice, clip.rate, clip.pitch, clip.pitch_range) / 32768.0
     loud = np.flatnonzero(np.abs(speech) > 0.02 * np.abs(speech).max())
     speech = resample(speech[max(loud[0] - 200, 0):loud[-1] + 200], ESPEAK_RATE, SAMPLE_RATE)
     speech = speech[:SAMPLE_RATE].astype(np.float64)             # (the rare over-long word is cut)
@@ -725,6 +731,19 @@ def _run_forked(jobs, workers):
     return failed
 
 
+def _synthesise_clips(job):
+    """In a fresh process: initialise espeak-ng once, then synthesise every clip in a child of its
+    own (clips are then independent of each other and of the order they run in)."""
+    clips, folder = job
+    lib = _espeak_library()
+
+    def write_clip(clip):
+        write_wav(os.path.join(folder, clip.file), synthesise(lib, clip))
+    failed = _run_forked([(write_clip, clip) for clip in clips], workers=os.cpu_count() or 1)
+    if failed:
+        raise RuntimeError(f'{failed} of {len(clips)} clips failed to synthesise')
+
+
 def build_sc09_espeak(root, count, seed=0):
     """Synthesise `count` clips into root in the Speech Commands layout, unless a complete build
     (build.json, written last) with the same count and seed is there. Returns root."""
@@ -756,13 +775,8 @@ def build_sc09_espeak(root, count, seed=0):
         for word in DIGITS:
             os.makedirs(os.path.join(tmp, word))
         clips = plan_clips(count, seed)
-
-        def write_clip(clip):
-            write_wav(os.path.join(tmp, clip.file), synthesise(clip))
-        failed = _run_forked([(write_clip, clip) for clip in clips], workers=os.cpu_count() or 1)
-        if failed:
-            raise RuntimeError(f'{failed} of {count} clips failed to synthesise (errors above); '
-                               f'the partial build in {tmp} is not used')
+        if _run_forked([(_synthesise_clips, (clips, tmp))], workers=1):
+            raise RuntimeError(f'synthesis failed (errors above); the partial build in {tmp} is not used')
         for split, name in SC09_LISTS.items():
             listed = sorted(c.file for c in clips if which_set(c.file) == split)
             with open(os.path.join(tmp, name), 'w') as f:
