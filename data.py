@@ -4,21 +4,26 @@ forks, and a process that has imported JAX must never fork.
 
 Tokens (V = 256, SPEC.md "Tokens")
     mu-law (SC09, YouTubeMix) and linear (Beethoven) 8-bit codes, both after scaling each clip (each
-    row of a 2-D input) to [-1, 1] by its own min and max, as SaShiMi does. A constant clip maps to
-    silence (128). Decoding returns the value y = 2q/255 - 1 (mu-law: expanded), which lies inside
-    level q's bin. 'bytes' tokens are the raw bytes.
+    row of a 2-D input) to [-1, 1] by its own min and max, as SaShiMi does (without its 1e-6 in the
+    denominator; a constant clip maps to silence, 128). Decoding returns y = 2q/255 - 1 (mu-law:
+    then expanded), which lies inside level q's bin (SaShiMi's linear decoding uses q/128 - 1).
+    'bytes' tokens are the raw bytes.
 
-Layouts and splits (data_dir defaults to data/)
+Layouts and splits (data_dir defaults to data/; rows of SC09-style sets in digit, then name order)
     sc09         data/sc09/{zero..nine}/<8-hex speaker>_nohash_<n>.wav + validation_list.txt +
                  testing_list.txt (Speech Commands v0.02, digits only). Split by the two lists, the
                  rest is train: 31,158 / 3,643 / 4,107. Downloaded if absent (resumable, sha256
                  checked, only the digit folders and the lists extracted, unsafe members refused).
-    sc09-espeak  The same layout under data/sc09-espeak[-tiny|-N], synthesised offline with
-                 libespeak-ng (wheel espeakng-loader). Ten digits per synthetic speaker; speaker ids
-                 are seeded random 8-hex strings drawn until the archive's own hash rule (which_set)
-                 puts every tenth speaker in validation and every tenth in test, so the list files come
-                 from that rule and the split is 80/10/10 by speaker. One forked process per clip (the
-                 library keeps state between utterances), so a seed gives byte-identical files.
+    sc09-espeak  The same layout under data/sc09-espeak[-tiny|-N] (4,000 | 200 | N clips), spoken
+                 digits synthesised offline with libespeak-ng (wheel espeakng-loader). Each synthetic
+                 speaker has a voice, variant, pitch, speed and microphone and says the ten digits
+                 with jitter, level, noise, filters and placement of its own. Speaker ids are seeded
+                 random 8-hex strings drawn until the archive's own hash rule (which_set) puts every
+                 tenth speaker in validation and every tenth in test: the list files come from that
+                 rule and the split is 80/10/10 by speaker. The library keeps state between
+                 utterances, so a fresh process initialises it once and forks one child per clip:
+                 a seed gives byte-identical files. From a process that has imported JAX the build
+                 runs in a subprocess.
     beethoven    data/beethoven/*.wav, 8 s clips, linear.      SaShiMi's split: files in natural
     youtubemix   data/youtube_mix/*.wav, 1 min clips, mu-law.  order, first int(0.88 n) train, up to
                  int(0.94 n) validation, the rest test. A file longer than seq_len gives
@@ -181,7 +186,8 @@ def read_wav(path):
             if fmt is None:
                 raise WavError(path, 'data chunk before fmt chunk')
             if pos + 8 + size > len(data):
-                raise WavError(path, f'truncated: data chunk says {size} bytes, {len(data) - pos - 8} present')
+                raise WavError(path, f'truncated: data chunk says {size} bytes, '
+                                     f'{len(data) - pos - 8} present')
             return _pcm_to_float(path, data[pos + 8:pos + 8 + size], *fmt)
         pos += 8 + size + (size & 1)                              # chunks are word-aligned
     raise WavError(path, 'no data chunk' if fmt else 'no fmt chunk (truncated header?)')
@@ -191,7 +197,7 @@ def _pcm_to_float(path, raw, tag, channels, rate, frame_bytes, bits):
     if channels < 1 or rate < 1 or frame_bytes != channels * bits // 8:
         raise WavError(path, f'inconsistent header: {channels} channels, {rate} Hz, {bits} bits')
     if len(raw) % frame_bytes:
-        raise WavError(path, f'truncated: data is {len(raw)} bytes, not a whole number of {frame_bytes}-byte frames')
+        raise WavError(path, f'truncated: {len(raw)} data bytes are not whole {frame_bytes}-byte frames')
     if len(raw) == 0:
         raise WavError(path, 'no samples')
     if tag == 1 and bits == 8:
@@ -379,7 +385,7 @@ def _cached_load(cache_dir, key, read):
             manifest = json.load(f)
     except (OSError, ValueError):
         manifest = None
-    if manifest is not None and manifest['key'] == key:
+    if manifest is not None and manifest.get('key') == key:
         splits = {s: Split(*(np.load(os.path.join(cache_dir, f'{s}_{field}.npy'), allow_pickle=False)
                              for field in ('tokens', 'lengths', 'labels'))) for s in SPLITS}
         _report([tuple(e) for e in manifest['errors']], manifest['files'])
@@ -398,8 +404,9 @@ def _cached_load(cache_dir, key, read):
 
 
 def _cache_dir(data_dir, root, encoding, seq_len):
-    where = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
-    return os.path.join(data_dir, 'cache', f'{os.path.basename(os.path.normpath(root))}-{where}-{encoding}-{seq_len}')
+    folder = os.path.basename(os.path.normpath(root))
+    where = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]   # two folders of one name
+    return os.path.join(data_dir, 'cache', f'{folder}-{where}-{encoding}-{seq_len}')
 
 
 def which_set(filename, validation_percentage=10, testing_percentage=10):
@@ -420,7 +427,8 @@ def sc09_files(root):
     for split, name in SC09_LISTS.items():
         path = os.path.join(root, name)
         if not os.path.isfile(path):
-            raise DataError(f'{path}: missing list file (SC09 takes its splits from {" and ".join(SC09_LISTS.values())} next to the digit folders)')
+            raise DataError(f'{path}: missing list file (SC09 takes its splits from validation_list.txt '
+                            'and testing_list.txt next to the digit folders)')
         with open(path) as f:
             listed[split] = {line.strip() for line in f if line.strip()}
     files = {s: [] for s in SPLITS}
@@ -439,6 +447,8 @@ def sc09_files(root):
 def _load_sc09(root, data_dir, seq_len):
     files = sc09_files(root)
     relpaths = [rel for s in SPLITS for rel, _ in files[s]] + list(SC09_LISTS.values())
+    if len(relpaths) == 2:
+        raise DataError(f'{root}: the digit folders hold no .wav files')
     key = {'version': CACHE_VERSION, 'signature': _signature(root, relpaths)}
 
     def read():
@@ -461,6 +471,8 @@ def _load_music(name, root, data_dir, seq_len):
                         f'{root}/*.wav exist, or pass --path FOLDER')
     names = sorted((n for n in os.listdir(root) if n.endswith('.wav')), key=natural_key)
     n = len(names)
+    if n == 0:
+        raise DataError(f'{root}: no .wav files')
     bounds = [0, int(0.88 * n), int((0.88 + (1 - 0.88) / 2) * n), n]   # SaShiMi's ratio_min/max
     files = {s: [(f, -1) for f in names[bounds[i]:bounds[i + 1]]] for i, s in enumerate(SPLITS)}
     encoding = ENCODING[name]
@@ -524,7 +536,8 @@ def _download(url, dest, sha256):
             h.update(chunk)
     if h.hexdigest() != sha256:
         os.remove(part)
-        raise DataError(f'{url}: sha256 {h.hexdigest()} != expected {sha256}; deleted the download, run again')
+        raise DataError(f'{url}: sha256 {h.hexdigest()} != expected {sha256}; '
+                        'deleted the download, run again')
     os.replace(part, dest)
 
 
@@ -541,7 +554,8 @@ def extract_sc09(archive, root):
                         or not (member.isfile() or member.isdir())):
                     raise DataError(f'{archive}: refusing unsafe archive member {member.name!r} '
                                     '(absolute path, .. component, link or special file)')
-                wanted = (len(parts) == 2 and parts[0] in DIGITS) or parts in ([n] for n in SC09_LISTS.values())
+                wanted = ((len(parts) == 2 and parts[0] in DIGITS)
+                          or (len(parts) == 1 and parts[0] in SC09_LISTS.values()))
                 if member.isfile() and wanted:
                     os.makedirs(os.path.join(tmp, *parts[:-1]), exist_ok=True)
                     with tar.extractfile(member) as src, open(os.path.join(tmp, *parts), 'wb') as dst:
@@ -549,7 +563,10 @@ def extract_sc09(archive, root):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.rename(tmp, root)
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(tmp):                                  # the digit folders are not in root yet
+        os.replace(os.path.join(tmp, name), os.path.join(root, name))
+    os.rmdir(tmp)
 
 
 def _prepare_sc09(root, data_dir):
@@ -565,9 +582,10 @@ def _prepare_sc09(root, data_dir):
             raise DataError(
                 f'SC09 is not in {root} and could not be downloaded from {SC09_URL} '
                 f'({getattr(e, "reason", e)}; a partial download resumes on the next run).\n'
-                f'Either put Speech Commands v0.02 there in its own layout ({root}/zero/<speaker>_nohash_<n>.wav '
-                f'... {root}/nine/, validation_list.txt, testing_list.txt), or use the built-in spoken '
-                f'digits: python data.py --dataset sc09-espeak') from None
+                f'Either put Speech Commands v0.02 there in its own layout '
+                f'({root}/zero/<speaker>_nohash_<n>.wav ... {root}/nine/, validation_list.txt, '
+                f'testing_list.txt), or use the built-in spoken digits: python data.py --dataset sc09-espeak'
+            ) from None
     print(f'extracting the ten digit folders of {archive} into {root}', file=sys.stderr)
     extract_sc09(archive, root)
 
@@ -647,7 +665,8 @@ def _espeak_library():
                                  ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
     lib.espeak_ListVoices.restype = ctypes.c_void_p
     AUDIO_OUTPUT_SYNCHRONOUS = 2
-    if lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0) != ESPEAK_RATE:
+    data_path = espeakng_loader.get_data_path().encode()
+    if lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, 0) != ESPEAK_RATE:
         raise RuntimeError('espeak_Initialize failed')
     lib.espeak_ListVoices(None)
     return lib
