@@ -579,9 +579,10 @@ def _prepare_sc09(root, data_dir):
         try:
             _download(SC09_URL, archive, SC09_SHA256)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            resume = '; the partial download resumes next time' if os.path.exists(archive + '.part') else ''
             raise DataError(
                 f'SC09 is not in {root} and could not be downloaded from {SC09_URL} '
-                f'({getattr(e, "reason", e)}; a partial download resumes on the next run).\n'
+                f'({getattr(e, "reason", e)}{resume}).\n'
                 f'Either put Speech Commands v0.02 there in its own layout '
                 f'({root}/zero/<speaker>_nohash_<n>.wav ... {root}/nine/, validation_list.txt, '
                 f'testing_list.txt), or use the built-in spoken digits: python data.py --dataset sc09-espeak'
