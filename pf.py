@@ -132,7 +132,7 @@ def scan_associative(a, b, h0=None):
 
 def scan_sequential(a, b, h0=None):
     """The same recurrence one step at a time: the reference the associative scan is tested against."""
-    h0 = jnp.zeros_like(b[0]) if h0 is None else h0
+    h0 = jnp.zeros_like(b[0]) if h0 is None else jnp.broadcast_to(h0, b.shape[1:]).astype(b.dtype)
 
     def body(h, ab):
         h = ab[0] * h + ab[1]

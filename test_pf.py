@@ -1,0 +1,329 @@
+"""Properties of pf.py, each against an independent reference: the thesis' tables, NumPy loops,
+the sequential scan, the token-by-token step."""
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import pf
+
+SMALL = dict(d_model=16, d_rnn=64, dropout=0.0)
+apply = jax.jit(pf.apply, static_argnames="cfg")  # one compile per config, not op-by-op dispatch
+init = jax.jit(pf.init, static_argnums=1)
+
+
+def assert_close(actual, expected, tol, what=""):
+    diff = float(np.max(np.abs(np.asarray(actual) - np.asarray(expected)), initial=0.0))
+    assert diff <= tol, f"{what}: largest difference {diff:.3g} > {tol:.3g}"
+
+
+# ---------------------------------------------------------------- 1. parameter counts == thesis
+
+
+THESIS_COUNTS = [  # (table, row, config changes, parameters)
+    ("4.1", "baseline", {}, 7_272_704),
+    ("4.1", "RMSNorm", {"norm": "rms"}, 7_263_488),
+    ("4.1", "scale = 0", {"scale": 0.0}, 7_272_704),
+    ("4.1", "scale = 1", {"scale": 1.0}, 7_272_704),
+    ("4.1", "w/o gating", {"gated": False}, 5_489_408),
+    ("4.1", "long skips", {"skip": "long"}, 7_272_704),
+    ("4.1", "all ResBlocks after pooling", {"placement": "after"}, 7_272_704),
+    ("4.1", "w/o complex numbers", {"complex_rnn": False}, 7_355_648),
+    ("4.1", "half ring", {"ring": "half"}, 7_272_704),
+    ("4.1", "full ring", {"ring": "full"}, 7_272_704),
+    ("4.1", "full circle", {"ring": "circle"}, 7_272_704),
+    ("4.2", "1 pooling layer", {"pooling": (2,), "layers": (12, 12)}, 7_268_608),
+    ("4.2", "no pooling", {"pooling": (), "layers": (36,)}, 7_267_840),
+    ("4.3", "G = 1", {"groups": 1}, 7_760_384),
+    ("4.3", "G = 2", {"groups": 2}, 7_514_624),
+    ("4.3", "G = 4", {"groups": 4}, 7_391_744),
+    ("4.3", "G = 8", {"groups": 8}, 7_330_304),
+    ("4.4", "D 128 R 256", {"pooling": (2, 4), "layers": (4, 4, 4)}, 4_054_528),
+    ("4.4", "D 256 R 256", {"pooling": (2, 4), "layers": (4, 4, 4), "d_model": 256}, 13_295_360),
+    ("4.4", "D 384 R 256", {"pooling": (2, 4), "layers": (4, 4, 4), "d_model": 384}, 27_779_072),
+    ("4.4", "D 128 R 512", {"pooling": (2, 4), "layers": (4, 4, 4), "d_rnn": 512}, 5_503_488),
+    ("4.4", "D 128 R 1024", {"pooling": (2, 4), "layers": (4, 4, 4), "d_rnn": 1024}, 8_647_168),
+]
+
+
+@pytest.mark.parametrize("table,row,changes,expected", THESIS_COUNTS, ids=[f"{t}:{r}" for t, r, _, _ in THESIS_COUNTS])
+def test_parameter_count_equals_thesis_table(table, row, changes, expected):
+    cfg = pf.Config(**changes)
+    shapes = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    assert pf.count_params(shapes) == expected, f"table {table}, {row}"
+
+
+def test_cli_prints_the_tree_and_ends_with_the_count():
+    out = subprocess.run([sys.executable, "pf.py", "--no-gated", "--groups", "1"], capture_output=True,
+                         text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    # without gating 5,489,408; G = 1 adds 487,680 (= 7,760,384 - 7,272,704)
+    assert lines[-1] == f"params: {5_489_408 + 487_680}"
+    assert any(line.strip().startswith("rglru:") for line in lines)
+
+
+# ---------------------------------------------------------------- 2. associative scan == sequential scan
+
+
+def random_recurrence(seed, length, complex_rnn, near_one):
+    rng = np.random.default_rng(seed)
+    n = 3
+    mag = 1.0 - rng.uniform(0, 1e-3 if near_one else 0.5, (length, 2, n))  # |a| up to 0.999..
+    if complex_rnn:
+        a = mag * np.exp(1j * rng.uniform(-np.pi, np.pi, mag.shape))
+        b = rng.normal(size=mag.shape) + 1j * rng.normal(size=mag.shape)
+        return jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64), jnp.asarray(b[0] * 0.3, jnp.complex64)
+    return jnp.asarray(mag, jnp.float32), jnp.asarray(rng.normal(size=mag.shape), jnp.float32), jnp.float32(0.3)
+
+
+def scan_value_and_grad(scan):
+    """h and the gradients of a real loss touching every output, in one compiled function."""
+    def loss(a, b, h0):
+        h = scan(a, b, h0)
+        return jnp.sum(jnp.abs(h) ** 2), h
+    return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+
+
+@settings(max_examples=10, deadline=None)
+@given(length=st.one_of(st.integers(1, 40), st.sampled_from([127, 509, 1021, 2048, 3001])),
+       complex_rnn=st.booleans(), near_one=st.booleans(), with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_associative_scan_equals_sequential_scan(length, complex_rnn, near_one, with_h0, seed):
+    a, b, h0 = random_recurrence(seed, length, complex_rnn, near_one)
+    h0 = h0 if with_h0 else jnp.zeros_like(h0)
+    (_, fast), (ga, gb) = scan_value_and_grad(pf.scan_associative)(a, b, h0)
+    (_, slow), (sa, sb) = scan_value_and_grad(pf.scan_sequential)(a, b, h0)
+    tol = math.log2(length + 1) * max(float(jnp.max(jnp.abs(slow))), 1.0)
+    assert_close(fast, slow, 2e-5 * tol, "values")
+    gtol = math.log2(length + 1) * max(float(jnp.max(jnp.abs(sa))), 1.0)
+    assert_close(ga, sa, 1e-4 * gtol, "grad a")
+    assert_close(gb, sb, 1e-4 * gtol, "grad b")
+
+
+def test_sequential_scan_equals_numpy_loop():
+    a, b, h0 = random_recurrence(0, 50, True, False)
+    h, expected = np.asarray(h0), []
+    for t in range(50):
+        h = np.asarray(a[t]) * h + np.asarray(b[t])
+        expected.append(h)
+    assert_close(pf.scan_sequential(a, b, h0), np.stack(expected), 1e-4, "sequential scan")
+
+
+def test_sqrt_bounded_has_the_true_derivative_except_near_zero():
+    g = jax.vmap(jax.grad(pf.sqrt_bounded))(jnp.array([1e-12, 1e-6, 0.01, 0.25, 1.0]))
+    np.testing.assert_allclose(g[2:], 0.5 / np.sqrt([0.01, 0.25, 1.0]), rtol=1e-6)
+    np.testing.assert_allclose(g[:2], [pf.SQRT_MAX_GRAD, pf.SQRT_MAX_GRAD], rtol=1e-5)
+    assert float(pf.sqrt_bounded(0.25)) == 0.5
+
+
+# ---------------------------------------------------------------- layers against NumPy references
+
+
+def test_rglru_equals_numpy_loop_of_thesis_equations():
+    """Eq. 3.8-3.11 written out with NumPy loops: gates per block, a = sigma(L)^(c r) e^(i r theta)."""
+    for complex_rnn in (True, False):
+        cfg = pf.Config(d_rnn=64, complex_rnn=complex_rnn, ring="circle")
+        p = jax.tree.map(np.asarray, pf.rglru_init(jax.random.key(3), cfg))
+        x = np.random.default_rng(0).normal(size=(7, 2, 64)).astype(np.float32)
+        n = 32 if complex_rnn else 64
+
+        def gate(q, xt):  # block b maps inputs [b*64/32, ...) to outputs [b*n/32, ...)
+            out = np.zeros((2, n))
+            bi, bo = 64 // 32, n // 32
+            for blk in range(32):
+                out[:, blk * bo:(blk + 1) * bo] = xt[:, blk * bi:(blk + 1) * bi] @ q["w"][blk]
+            return 1 / (1 + np.exp(-(out + q["b"])))
+
+        h = np.zeros((2, n), complex)
+        outs = []
+        for t in range(7):
+            r, i = gate(p["gate_a"], x[t]), gate(p["gate_x"], x[t])
+            mag = (1 / (1 + np.exp(-p["lambda_"]))) ** (pf.C * r)
+            a = mag * np.exp(1j * r * p["theta"]) if complex_rnn else mag
+            xt = x[t, :, :32] + 1j * x[t, :, 32:] if complex_rnn else x[t]
+            h = a * h + np.sqrt(1 - np.abs(a) ** 2) * (i * xt)
+            outs.append(np.concatenate([h.real, h.imag], -1) if complex_rnn else h.real)
+        assert_close(pf.rglru(p, jnp.asarray(x), complex_rnn), np.stack(outs), 1e-5, f"complex={complex_rnn}")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_pooling_equals_numpy_grouped_conv(groups):
+    """DownPool: pooled j = sum_i W_i x[jF+i] with block-diagonal W_i (G blocks); UpPool: fine jF+i =
+    V_i y_j, then shifted right by F-1."""
+    cfg = pf.Config(d_model=8, groups=groups)
+    f, d, dg = 3, 8, 8 // groups
+    down, up = pf.pool_init(jax.random.key(0), cfg, f), pf.pool_init(jax.random.key(1), cfg, f)
+    down["b"] = up["b"] = jnp.arange(d, dtype=jnp.float32) / 10
+    x = np.random.default_rng(1).normal(size=(12, 2, d)).astype(np.float32)
+
+    def block_matrix(w):  # (G, D/G, D/G) -> the full (D, D) block-diagonal matrix
+        m = np.zeros((d, d))
+        for g in range(groups):
+            m[g * dg:(g + 1) * dg, g * dg:(g + 1) * dg] = w[g]
+        return m
+
+    wd, wu = np.asarray(down["w"]), np.asarray(up["w"])
+    pooled = np.stack([sum(x[j * f + i] @ block_matrix(wd[i]) for i in range(f)) for j in range(4)]) + down["b"]
+    assert_close(pf.down_pool(down, jnp.asarray(x)), pooled, 1e-5, "down")
+    fine = np.stack([pooled[j] @ block_matrix(wu[i]) for j in range(4) for i in range(f)]) + up["b"]
+    shifted = np.concatenate([np.zeros((f - 1, 2, d)), fine[: 12 - (f - 1)]])
+    assert_close(pf.up_pool(up, jnp.asarray(pooled, jnp.float32)), shifted, 1e-5, "up")
+
+
+def test_sinusoidal_embedding_is_thesis_eq_4_1_and_4_2():
+    cfg = pf.Config(d_model=8)
+    q = np.arange(256)
+    j = np.arange(4)
+    expected = np.concatenate([np.cos(q[:, None] / 10000 ** (j / 4)), np.sin(q[:, None] / 10000 ** (j / 4))], 1)
+    assert_close(pf.embedding({}, jnp.asarray(q), cfg), expected, 1e-4, "embedding")
+
+
+def test_layer_norm_and_rms_norm_match_formulas():
+    x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32) * 3 + 1
+    p = {"scale": np.linspace(0.5, 2, 16, dtype=np.float32), "bias": np.ones(16, np.float32)}
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    assert_close(pf.norm(p, x, "layer"), p["scale"] * (x - mu) / np.sqrt(var + 1e-6) + 1, 1e-5, "layer")
+    rms = np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
+    assert_close(pf.norm({"scale": p["scale"]}, x, "rms"), p["scale"] * x / rms, 1e-5, "rms")
+    assert_close(pf.norm({}, x, "none"), x, 0, "none")
+
+
+# ---------------------------------------------------------------- 3. causality
+
+
+def random_tokens(seed, batch, length):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256)
+
+
+@settings(max_examples=8, deadline=None)
+@given(pooling=st.lists(st.integers(1, 4), min_size=0, max_size=3), data=st.data(),
+       skip=st.sampled_from(["short", "long"]), placement=st.sampled_from(["around", "after"]),
+       complex_rnn=st.booleans())
+def test_causality_changing_token_t_leaves_earlier_logits_unchanged(pooling, data, skip, placement, complex_rnn):
+    layers = data.draw(st.lists(st.integers(0, 2), min_size=len(pooling) + 1, max_size=len(pooling) + 1))
+    cfg = pf.Config(pooling=pooling, layers=layers, skip=skip, placement=placement, complex_rnn=complex_rnn,
+                    scale=0.5, **SMALL)  # scale 0.5: every branch visibly contributes at init
+    length = math.prod(pooling) * data.draw(st.integers(2, 4))
+    params = init(jax.random.key(data.draw(st.integers(0, 99))), cfg)
+    x = random_tokens(0, 2, length)
+    y = apply(params, x, cfg)
+    for t in data.draw(st.lists(st.integers(0, length - 2), min_size=1, max_size=3, unique=True)):
+        y2 = apply(params, x.at[:, t].set((x[:, t] + 101) % 256), cfg)
+        assert_close(y2[:, : t + 1], y[:, : t + 1], 1e-6, f"logits before {t} moved")
+        assert float(jnp.max(jnp.abs(y2[:, t + 1] - y[:, t + 1]))) > 1e-4, "the next logits must see token t"
+
+
+def test_causality_with_attention_at_the_deepest_level():
+    cfg = pf.Config(pooling=(2, 2), layers=(1, 1, 1), deepest="attention", scale=0.5, **SMALL)
+    params = init(jax.random.key(0), cfg)
+    x = random_tokens(1, 2, 16)
+    for t in (0, 5, 11):
+        x2 = x.at[:, t].set((x[:, t] + 50) % 256)
+        assert_close(apply(params, x2, cfg)[:, : t + 1], apply(params, x, cfg)[:, : t + 1], 1e-6, f"t={t}")
+
+
+# ---------------------------------------------------------------- 4. stepping == parallel forward
+
+
+def step_logits(params, cfg, x):
+    state = pf.init_state(cfg, x.shape[0], x.shape[1])
+    step = jax.jit(lambda s, tok: pf.step(params, s, tok, cfg))
+    prev, out = jnp.full((x.shape[0],), pf.SILENCE, x.dtype), []
+    for t in range(x.shape[1]):
+        logits, state = step(state, prev)
+        out.append(logits)
+        prev = x[:, t]
+    return jnp.stack(out, 1), state
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"complex_rnn": False}, {"skip": "long"}, {"placement": "after"}, {"deepest": "attention"},
+    {"embedding": "learned", "norm": "rms", "gated": False}, {"embedding": "linear", "groups": 2, "norm": "none"},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "baseline-shaped")
+def test_step_by_step_equals_parallel_forward(changes):
+    cfg = pf.Config(pooling=(2, 3, 2), layers=(1, 1, 1, 1), scale=0.5, **{**SMALL, **changes})
+    params = init(jax.random.key(0), cfg)
+    x = random_tokens(2, 2, 36)
+    stepped, state = step_logits(params, cfg, x)
+    assert_close(stepped, apply(params, x, cfg), 2e-5, "step vs apply")
+    assert int(state["pos"]) == 36
+
+
+# ---------------------------------------------------------------- 5. initialisation
+
+
+@pytest.mark.parametrize("ring", list(pf.RINGS))
+def test_init_puts_a_in_the_requested_ring(ring):
+    a_min, a_max, phase_max = pf.RINGS[ring]
+    p = pf.rglru_init(jax.random.key(0), pf.Config(ring=ring, d_rnn=4096))
+    mag, phase = jax.nn.sigmoid(p["lambda_"]), p["theta"]
+    assert float(mag.min()) >= a_min - 1e-6 and float(mag.max()) <= a_max + 1e-6
+    assert float(phase.min()) >= 0 and float(phase.max()) <= phase_max
+    # uniform over the ring's area: |a|^2 is uniform, so its mean is the midpoint of [min^2, max^2]
+    assert abs(float(jnp.mean(mag**2)) - (a_min**2 + a_max**2) / 2) < 0.02 * (a_max**2 - a_min**2) + 1e-3
+    assert float(phase.max()) > 0.9 * phase_max and float(phase.min()) < 0.1 * phase_max
+
+
+def test_scale_zero_makes_every_resblock_and_up_pool_an_identity():
+    cfg = pf.Config(pooling=(2, 2), layers=(1, 1, 1), scale=0.0, **SMALL)
+    params = init(jax.random.key(0), cfg)
+    h = jax.random.normal(jax.random.key(1), (8, 2, 16))
+    # every ResBlock is the identity, and the up-pool adds zeros: the whole SkipBlock is the identity
+    assert_close(pf.skip_block(params["skip_block"], h, cfg), h, 0, "SkipBlock")
+    up = pf.up_pool(params["skip_block"]["up_pool"], h)
+    assert_close(up, jnp.zeros_like(up), 0, "up-pool")
+    block = jax.tree.map(lambda v: v[0], params["skip_block"]["before"]["temporal"])
+    assert_close(pf.res_block(block, h, cfg, pf.temporal_branch(cfg))[0], h, 0, "ResBlock")
+
+
+def test_default_scale_is_one_over_branches_into_the_stream():
+    cfg = pf.Config(pooling=(2,), layers=(3, 2), d_model=128)
+    params = init(jax.random.key(0), cfg)
+    outer, deepest = params["skip_block"], params["skip_block"]["inner"]["layers"]
+    # SkipBlock: 2*3 layers x 2 ResBlocks + the up-pool = 13 branches; deepest: 2 layers x 2 = 4
+    for w, n_in, branches in [(outer["before"]["mlp"]["out"]["w"], 256, 13), (outer["after"]["temporal"]["out"]["w"], 128, 13),
+                              (deepest["mlp"]["out"]["w"], 256, 4), (outer["up_pool"]["w"], 2, 13)]:
+        expected = math.sqrt(1 / branches / n_in)
+        assert abs(float(jnp.std(w)) - expected) < 0.1 * expected, (w.shape, float(jnp.std(w)), expected)
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_dropout_only_with_a_key():
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.5, scale=1.0)
+    params = init(jax.random.key(0), cfg)
+    x = random_tokens(3, 2, 8)
+    assert_close(apply(params, x, cfg), apply(params, x, cfg), 0, "eval is deterministic")
+    a, b = apply(params, x, cfg, key=jax.random.key(1)), apply(params, x, cfg, key=jax.random.key(2))
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+# ---------------------------------------------------------------- 6. bad configs
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"pooling": (2, 4), "layers": (4, 4)}, ["layers [4, 4]", "3"]),
+    ({"d_rnn": 100}, ["d_rnn=100", "32"]),
+    ({"d_rnn": 96}, ["d_rnn=96", "64"]),  # complex: R/2 = 48 is not a multiple of 32
+    ({"norm": "batch"}, ["norm", "'batch'"]),
+    ({"ring": "square"}, ["ring", "'square'"]),
+    ({"groups": 3}, ["groups=3", "d_model=128"]),
+    ({"pooling": (2, 0), "layers": (1, 1, 1)}, ["pooling [2, 0]"]),
+])
+def test_bad_config_raises_value_error_naming_the_numbers(changes, words):
+    with pytest.raises(ValueError) as err:
+        pf.Config(**changes)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+
+
+def test_length_not_divisible_by_pooling_product_is_refused():
+    cfg = pf.Config(pooling=(2, 4, 4, 5), layers=(0, 0, 0, 0, 0), d_model=16, d_rnn=64)
+    params = init(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match=r"length 1000 .* 2\*4\*4\*5 = 160"):
+        pf.apply(params, jnp.zeros((1, 1000), jnp.int32), cfg)
