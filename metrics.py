@@ -359,7 +359,7 @@ def classifier_loss(params, images, labels):
     return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def make_optimizer(lr=3e-3, steps=1500, weight_decay=1e-4):
+def make_optimizer(lr=3e-3, steps=1000, weight_decay=1e-4):
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps, lr / 30)
     return optax.adamw(schedule, weight_decay=weight_decay)
 
@@ -385,7 +385,7 @@ def accuracy(params, images, labels):
     return float(np.mean(probs.argmax(1) == np.asarray(labels)))
 
 
-def train_classifier(key, train_audio, train_labels, val_images, val_labels, steps=1500, batch=64,
+def train_classifier(key, train_audio, train_labels, val_images, val_labels, steps=1000, batch=64,
                      lr=3e-3, eval_every=100, widths=(16, 32, 64), log=print):
     """Train on (N, 16000) audio with augmentation; keep the parameters with the best validation
     accuracy. Returns (params, info dict)."""
@@ -820,7 +820,7 @@ def main(argv=None):
     p.add_argument('--dataset', default='sc09-espeak')
     p.add_argument('--data-dir', default='data')
     p.add_argument('--size', default='default')
-    p.add_argument('--steps', type=int, default=1500)
+    p.add_argument('--steps', type=int, default=1000)
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--seed', type=int, default=0)
