@@ -508,10 +508,24 @@ def scores(params, train_stats, audio):
             'am': float(_kl(train_stats['mean_probs'], probs.mean(0)) + _entropy(probs).mean())}
 
 
-def model_test_nll(checkpoint_dir):
-    """Test NLL (bits per sample) of a Poolformer checkpoint, for the NLL column.
-    Hook for train.py's evaluate; returns None until it is wired, and the table prints '-'."""
-    return None
+def load_model_params(checkpoint):
+    """(pf.Config, EMA parameters, meta) of a train.py checkpoint: a run folder (best.npz, else the
+    newest ckpt_*.npz) or one .npz. The thesis evaluates and samples the EMA weights."""
+    import train  # the model's checkpoint format lives there; only the commands need it
+    return train.load_model(checkpoint)
+
+
+def model_test_nll(checkpoint):
+    """Test NLL (bits per sample) of a train.py checkpoint's EMA weights on the whole test split of
+    the dataset it was trained on, with train.py's own evaluate."""
+    import data
+    import train
+    cfg, params, meta = load_model_params(checkpoint)
+    tc = meta['train']
+    ds = data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
+    mesh = train.make_mesh()
+    evaluate = train.make_evaluate(cfg, mesh)
+    return float(evaluate(params, ds.test, max(mesh.size, tc['microbatch'] or tc['batch_size'])))
 
 
 def format_table(rows):
@@ -700,17 +714,6 @@ def figure_complex_plane(a_values, size=480, lim=1.1):
                  'imag': [np.ravel(a).imag.tolist() for _, a in a_values], 'limits': [-lim, lim]}
 
 
-def _checkpoint_npz(path):
-    """A checkpoint directory (ema.npz preferred, as the thesis evaluates the EMA weights, else
-    params.npz) or an .npz file."""
-    if os.path.isdir(path):
-        for name in ('ema.npz', 'params.npz'):
-            if os.path.exists(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise FileNotFoundError(f'{path}: no ema.npz or params.npz')
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -794,11 +797,11 @@ def cmd_figures(args):
         params, source = pf.init(jax.random.key(args.seed), pf.Config(ring=args.init)), f'init ring={args.init}'
         out = args.out or os.path.join('runs', f'figures-init-{args.init}')
     elif args.checkpoint:
-        source = _checkpoint_npz(args.checkpoint)
-        params = load_params_npz(source)
-        out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(source))
+        _, params, meta = load_model_params(args.checkpoint)
+        source = f'{args.checkpoint} (EMA weights, step {meta.get("step")})'
+        out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
     else:
-        raise SystemExit('figures: give --checkpoint DIR or --init RING')
+        raise SystemExit('figures: give --checkpoint RUN or --init RING')
     a_values = rglru_a_values(params)
     if not a_values:
         raise SystemExit(f'{source}: no RG-LRU parameters (no key lambda_)')
@@ -828,18 +831,18 @@ def main(argv=None):
     p.set_defaults(run=cmd_train_classifier)
     p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)')
     p.add_argument('--samples', required=True)
-    p.add_argument('--checkpoint', default=None, help='model checkpoint, for the test NLL column')
+    p.add_argument('--checkpoint', default=None, help='train.py run folder or .npz, for the test NLL column')
     p.add_argument('--classifier', default=None, help='default: DATA_DIR/classifier-DATASET')
     p.add_argument('--dataset', default='sc09-espeak')
     p.add_argument('--data-dir', default='data')
     p.add_argument('--out', default=None, help='JSON path; default SAMPLES/metrics.json')
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth) and 4.7 (a in the complex plane)')
-    p.add_argument('--checkpoint', default=None, help='checkpoint directory (ema.npz or params.npz) or .npz')
+    p.add_argument('--checkpoint', default=None, help="train.py run folder (best.npz, else the newest) or .npz")
     p.add_argument('--init', default=None, metavar='RING', help='instead: a freshly initialised baseline, '
                    'ring small | half | full | circle')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='default: the checkpoint directory')
+    p.add_argument('--out', default=None, help='default: the run folder')
     p.set_defaults(run=cmd_figures)
     args = parser.parse_args(argv)
     args.run(args)

@@ -1,5 +1,6 @@
 """Tests for metrics.py: each formula against an independent computation, the mel front end against
 the Slaney mel formula and librosa's values, the PNG writer, checkpoints, the classifier's training."""
+import dataclasses
 import json
 import math
 import os
@@ -256,7 +257,11 @@ def test_spectrogram_grid_tiles(tmp_path):
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path):
-    params = metrics.classifier_init(jax.random.key(0), widths=(8, 16), n_classes=3)
+    rng = np.random.default_rng(0)
+    params = {'stem': {'w': rng.normal(size=(3, 3, 2, 8)).astype(np.float32), 'b': np.zeros(8, np.float32)},
+              'blocks': [{'conv1': {'w': rng.normal(size=(3, 3, 8, 8)).astype(np.float32)}},
+                         {'shortcut': {'w': rng.normal(size=(1, 1, 8, 16)).astype(np.float32)}}],
+              'head': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}}
     path = str(tmp_path / 'params.npz')
     metrics.save_params_npz(path, params)
     with np.load(path, allow_pickle=False) as f:
@@ -316,7 +321,7 @@ def rglru(lam, theta=None):
     return {'gate_a': {'w': np.zeros(1)}, 'lambda_': lam, **({} if theta is None else {'theta': theta})}
 
 
-def test_rglru_a_values_in_depth_order_and_figures(tmp_path):
+def test_rglru_a_values_in_depth_order_and_figures():
     """A pf.py-shaped tree: SkipBlock 'before' -> 'inner' -> 'after', stacks of L layers on axis 0."""
     def stack(mags, phase):
         lam = np.log(np.array(mags) / (1 - np.array(mags)))[:, None] * np.ones((1, 4))   # (L, N)
@@ -340,12 +345,27 @@ def test_rglru_a_values_in_depth_order_and_figures(tmp_path):
     np.testing.assert_allclose(numbers['mean_abs_a'], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     img, numbers = metrics.figure_complex_plane(a_values)
     np.testing.assert_allclose(numbers['real'][0], 0.1 * np.cos(0.1))
-    # figures command on a saved checkpoint: PNG + JSON beside it
-    metrics.save_params_npz(str(tmp_path / 'ema.npz'), params)
+
+
+def test_figures_command_reads_a_train_checkpoint(tmp_path):
+    """figures on a train.py checkpoint (EMA weights): one mean |a| per RG-LRU layer in network order
+    (SkipBlock: layers before the pooling, the deeper level, layers after), PNG + JSON beside it."""
+    pf, train = pytest.importorskip('pf'), pytest.importorskip('train')
+    cfg = pf.Config(pooling=(2,), layers=(1, 2), d_model=8, d_rnn=64)
+    template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), template)
+    train.save_checkpoint(str(tmp_path / 'best.npz'), {'ema': params}, {'model': dataclasses.asdict(cfg), 'step': 7})
     metrics.main(['figures', '--checkpoint', str(tmp_path)])
+    sb = params['skip_block']
+    lams = [sb['before']['temporal']['branch']['rglru']['lambda_'][0],
+            *sb['inner']['layers']['temporal']['branch']['rglru']['lambda_'],
+            sb['after']['temporal']['branch']['rglru']['lambda_'][0]]
     with open(tmp_path / 'fig4_9_mean_abs_a.json') as f:
-        np.testing.assert_allclose(json.load(f)['mean_abs_a'], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+        got = json.load(f)['mean_abs_a']
+    np.testing.assert_allclose(got, [np.mean(1 / (1 + np.exp(-np.float64(l)))) for l in lams], rtol=1e-6)
     assert read_png(str(tmp_path / 'fig4_7_a_complex_plane.png')).shape == (480, 480, 3)
+    assert read_png(str(tmp_path / 'fig4_9_mean_abs_a.png')).ndim == 3
 
 
 # ---------------------------------------------------------------- sanity on the built-in digits
