@@ -1,0 +1,435 @@
+"""Train a Poolformer with the thesis recipe (sec. 4.2-4.3) on one device or many.
+
+    python train.py                                  # the built-in digits, a CPU-sized model (~5 min)
+    python train.py --dataset sc09 --out runs/sc09   # the thesis baseline (TPU/GPU scale)
+    python train.py --dataset sc09 --out runs/sc09 --resume
+
+config -> mesh -> data -> init or resume -> jitted train_step -> evaluate -> loop. One
+jax.sharding.Mesh over all devices (all processes, after jax.distributed.initialize when launched
+multi-host) with one axis, 'data': the batch is sharded, parameters and optimiser state replicated.
+Checkpoints are .npz files of plain arrays keyed by tree path (no pickle), written atomically.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from einops import rearrange
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import data
+import pf
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "sc09-espeak"  # sc09 | sc09-espeak | beethoven | youtubemix | bytes
+    out: str = "runs/digits"  # checkpoints, config.json and log.jsonl go here
+    data_dir: str = "data"
+    size: str = "default"  # sc09-espeak: tiny | default | a clip count
+    path: str | None = None  # bytes: the file; other datasets: their folder
+    seq_len: int | None = None  # None = the dataset's own length
+    batch_size: int = 32  # global batch (all devices, all microbatches)
+    microbatch: int | None = None  # rows per gradient-accumulation microbatch; None = the whole batch
+    epochs: int = 500
+    steps: int | None = None  # stop after this many steps instead (overrides epochs)
+    lr: float = 0.002  # AdamW, linear warmup then constant
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 1e-4
+    warmup: int = 1000
+    ema: float = 0.999  # EMA of the weights, used for evaluation and sampling
+    clip_norm: float = 200.0  # clip the global gradient norm (the author's value)
+    skip_norm: float = 1000.0  # skip an update whose gradient norm exceeds this (the author's value)
+    max_bad_steps: int = 20  # this many skipped updates in a row stop the run
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500  # steps; a checkpoint is also written at every epoch end
+    keep: int = 3  # last checkpoints kept (plus best.npz)
+    eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
+    eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
+    resume: bool = False
+
+
+PRESETS = {  # per dataset: (model changes, train changes); explicit flags override them
+    "sc09": ({}, {"out": "runs/sc09"}),
+    "beethoven": ({"pooling": (2, 4, 4, 5), "layers": (8, 4, 4, 4, 4), "d_rnn": 512}, {"out": "runs/beethoven"}),
+    "youtubemix": ({"pooling": (2, 2, 4, 4), "layers": (8, 4, 4, 4, 4), "d_rnn": 512}, {"out": "runs/youtubemix"}),
+    # CPU-sized, the README's main job: ~5 minutes on 2 cores. No layers at the full 16 kHz rate (the
+    # RG-LRU's associative scan there dominates a CPU step); the first pooling is by 4.
+    "sc09-espeak": ({"pooling": (4, 4, 5), "layers": (0, 1, 1, 2), "d_model": 32, "d_rnn": 64, "dropout": 0.0},
+                    {"out": "runs/digits", "batch_size": 4, "steps": 250, "warmup": 50, "log_every": 10,
+                     "ckpt_every": 100, "eval_clips": 64}),
+    "bytes": ({"pooling": (2, 4, 4, 5), "layers": (2, 2, 2, 2, 2)}, {"out": "runs/bytes", "seq_len": 4000}),
+}
+
+
+# ---------------------------------------------------------------- loss, optimiser, train step
+
+
+def nll_sum(params, tokens, mask, cfg, key=None):
+    """Sum of -log p(token) in nats over unmasked positions, and the number of those positions."""
+    logits = pf.apply(params, tokens.astype(jnp.int32), cfg, key=key)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32))
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def make_optimizer(tc):
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup), optax.constant_schedule(tc.lr)],
+                                    [tc.warmup])
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                       optax.adamw(schedule, tc.b1, tc.b2, weight_decay=tc.weight_decay)), schedule
+
+
+def init_state(cfg, tc):
+    params = pf.init(jax.random.key(tc.seed), cfg)
+    return {"params": params, "opt_state": make_optimizer(tc)[0].init(params), "ema": params,
+            "step": jnp.zeros((), jnp.int32), "bad_run": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+
+def make_train_step(cfg, tc, mesh):
+    """train_step(state, tokens (B, L), mask (B, L)) -> (state, metrics). The batch is split into
+    B / microbatch microbatches whose gradients are summed before one update, so the update equals
+    the full batch's: the loss is the mean over all unmasked tokens of the batch."""
+    optimizer, schedule = make_optimizer(tc)
+    n_micro = tc.batch_size // (tc.microbatch or tc.batch_size)
+    grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def train_step(state, tokens, mask):
+        key = jax.random.fold_in(jax.random.key(tc.seed + 1), state["step"])
+        # microbatch i takes rows i, i + n_micro, ...: every microbatch stays spread over all devices
+        micro = NamedSharding(mesh, P(None, "data"))
+        tokens = jax.lax.with_sharding_constraint(rearrange(tokens, "(m n) l -> n m l", n=n_micro), micro)
+        mask = jax.lax.with_sharding_constraint(rearrange(mask, "(m n) l -> n m l", n=n_micro), micro)
+
+        def accumulate(carry, i):
+            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+        (total, count, grads), _ = jax.lax.scan(accumulate, zeros, jnp.arange(n_micro))
+        count = jnp.maximum(count, 1.0)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: tc.ema * e + (1 - tc.ema) * p, state["ema"], params)
+        # A NaN/inf loss or an exploding gradient skips the update (the author skips norms > 1000).
+        ok = jnp.isfinite(loss) & (grad_norm <= tc.skip_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                 "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
+                 "bad_run": jnp.where(ok, 0, state["bad_run"] + 1), "skipped": state["skipped"] + (~ok)}
+        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(state["step"] - 1),
+                   "tokens": count, "ok": ok}
+        return state, metrics
+
+    return jax.jit(train_step, in_shardings=(replicated, rows, rows), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+
+
+def make_evaluate(cfg, mesh):
+    rows = NamedSharding(mesh, P("data"))
+    nll = jax.jit(lambda params, tokens, mask: nll_sum(params, tokens, mask, cfg),
+                  in_shardings=(NamedSharding(mesh, P()), rows, rows))
+
+    def evaluate(params, split, batch_size):
+        """NLL in bits per sample over the unmasked tokens of a split (no dropout)."""
+        total, count = 0.0, 0.0
+        for tokens, mask in data.eval_batches(split, batch_size):
+            t, c = nll(params, global_batch(tokens, rows), global_batch(mask, rows))
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1.0) / math.log(2)
+
+    return evaluate
+
+
+# ---------------------------------------------------------------- devices and data
+
+
+def make_mesh():
+    """One 'data' axis over every device of every process. Multi-host: launched with the usual JAX
+    distributed environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a
+    cluster JAX detects), jax.distributed.initialize() joins the processes first."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+        jax.distributed.initialize()
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def global_batch(local_rows, sharding):
+    """This process' rows of the global batch -> one global array sharded over the mesh."""
+    n = jax.process_count()
+    per_process = local_rows.shape[0] // n
+    mine = local_rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+    return jax.make_array_from_process_local_data(sharding, mine, local_rows.shape)
+
+
+def train_batches(split, tc, start_step):
+    """(step, epoch, tokens, mask) from start_step on, crossing epochs; every process reads the same
+    global batch and global_batch() keeps its share."""
+    per_epoch = data.steps_per_epoch(split, tc.batch_size)
+    epoch, step_in_epoch = divmod(start_step, per_epoch)
+    step = start_step
+    while True:
+        for tokens, mask in data.batches(split, tc.batch_size, tc.seed, epoch, step_in_epoch):
+            yield step, epoch, tokens, mask
+            step += 1
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def subset(split, n):
+    return split if n is None else data.Split(split.tokens[:n], split.lengths[:n], split.labels[:n])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def flatten(tree):
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save_checkpoint(path, state, meta):
+    """Atomic: write a temporary file, fsync it, rename it over the target, fsync the folder."""
+    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def read_checkpoint(path):
+    """-> (meta dict, {tree path: array}). Raises on a corrupt or truncated file (zip CRC checks)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    return json.loads(str(arrays.pop("__meta__"))), arrays
+
+
+def config_mismatch(saved, cfg):
+    """Names of the model fields where a checkpoint's config differs from the requested one."""
+    theirs = dataclasses.asdict(pf.Config(**saved))
+    return [f"{k}: checkpoint {theirs[k]} vs requested {v}" for k, v in dataclasses.asdict(cfg).items()
+            if theirs[k] != v]
+
+
+def restore(template, arrays, path):
+    """Fill the template state's tree with the checkpoint's arrays, checking every path and shape."""
+    leaves = []
+    for key, leaf in flatten(template).items():
+        if key not in arrays or arrays[key].shape != leaf.shape:
+            raise ValueError(f"{path}: {key} is missing or has the wrong shape")
+        leaves.append(jnp.asarray(arrays[key], leaf.dtype))
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def checkpoints(out):
+    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith("ckpt_") and f.endswith(".npz"))
+
+
+def load_latest(out, cfg, template):
+    """The newest readable checkpoint: (state, meta). A corrupt one is reported and the previous used;
+    one from another model config is refused, naming the differing fields."""
+    for path in reversed(checkpoints(out)):
+        try:
+            meta, arrays = read_checkpoint(path)
+        except Exception as e:  # truncated zip, bad CRC, bad JSON...
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+            continue
+        diff = config_mismatch(meta["model"], cfg)
+        if diff:
+            raise SystemExit(f"error: {path} was trained with another model config; differing fields:\n  "
+                             + "\n  ".join(diff))
+        return restore(template, arrays, path), meta
+    return None, None
+
+
+def load_model(checkpoint, prefer="best"):
+    """(cfg, ema params, meta) from a run folder (best.npz, else the newest checkpoint) or an .npz
+    file: what sample.py and metrics.py evaluate."""
+    paths = [checkpoint] if checkpoint.endswith(".npz") else \
+        [p for p in [os.path.join(checkpoint, "best.npz")] if prefer == "best" and os.path.exists(p)] + \
+        list(reversed(checkpoints(checkpoint)))
+    for path in paths:
+        try:
+            meta, arrays = read_checkpoint(path)
+        except Exception as e:
+            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
+            continue
+        cfg = pf.Config(**meta["model"])
+        template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+        ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
+        return cfg, restore(template, ema, path), meta
+    raise SystemExit(f"error: no readable checkpoint in {checkpoint}")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def parse_args(argv):
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--dataset", default=TrainConfig.dataset, choices=sorted(PRESETS))
+    dataset = first.parse_known_args(argv)[0].dataset
+    model_preset, train_preset = PRESETS[dataset]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), train_preset.get(f.name, getattr(TrainConfig, f.name))
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), type(default))
+            parser.add_argument(flag, type=kind, default=default)
+    pf.add_config_args(parser, dataclasses.replace(pf.Config(), **model_preset))
+    args = parser.parse_args(argv)
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return pf.config_from_args(args), tc
+
+
+def check(cfg, tc, ds, n_devices):
+    cfg.check_length(ds.seq_len)
+    micro = tc.microbatch or tc.batch_size
+    if tc.batch_size % micro or micro % n_devices:
+        raise SystemExit(f"error: batch size {tc.batch_size} must be a multiple of the microbatch {micro}, "
+                         f"itself a multiple of the {n_devices} devices")
+    if data.steps_per_epoch(ds.train, tc.batch_size) == 0:
+        raise SystemExit(f"error: the training split has {len(ds.train)} rows, fewer than one batch of {tc.batch_size}")
+
+
+def main(argv=None):
+    cfg, tc = parse_args(argv)
+    mesh = make_mesh()
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    try:
+        ds = data.load(tc.dataset, tc.data_dir, tc.size, tc.seq_len, tc.path)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    check(cfg, tc, ds, mesh.size)
+    per_epoch = data.steps_per_epoch(ds.train, tc.batch_size)
+    total_steps = tc.steps if tc.steps is not None else tc.epochs * per_epoch
+    resolved = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc),
+                "data": {"name": ds.name, "encoding": ds.encoding, "sample_rate": ds.sample_rate, "seq_len": ds.seq_len}}
+    say(json.dumps(resolved, indent=1))
+    real = np.arange(ds.seq_len) < ds.train.lengths[:, None]
+    p = np.bincount(ds.train.tokens[real], minlength=256) / real.sum()
+    unigram = -np.sum(p[p > 0] * np.log2(p[p > 0]))  # the NLL of a model that ignores the context
+    say(f"{len(ds.train)} train / {len(ds.validation)} validation / {len(ds.test)} test rows of {ds.seq_len} tokens; "
+        f"unigram entropy {unigram:.2f} bits | {per_epoch} steps per epoch | {mesh.size} devices, "
+        f"{jax.process_count()} processes")
+
+    os.makedirs(tc.out, exist_ok=True)
+    template = jax.eval_shape(lambda: init_state(cfg, tc))
+    state, meta = load_latest(tc.out, cfg, template) if tc.resume else (None, None)
+    if state is None:
+        if tc.resume:
+            say(f"no checkpoint in {tc.out}: starting from scratch")
+        state, meta = jax.jit(lambda: init_state(cfg, tc))(), {"best_val": None}
+    else:
+        say(f"resumed from step {int(state['step'])}")
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    say(f"params: {pf.count_params(state['params']):,}")
+    if lead:
+        with open(os.path.join(tc.out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=1)
+
+    train_step, evaluate = make_train_step(cfg, tc, mesh), make_evaluate(cfg, mesh)
+    rows = NamedSharding(mesh, P("data"))
+    eval_batch = max(mesh.size, (tc.microbatch or tc.batch_size))
+    log = open(os.path.join(tc.out, "log.jsonl"), "a") if lead else None
+    best_val = meta.get("best_val")
+
+    def write(record):
+        say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def save(step, epoch, name=None):
+        if not lead:
+            return
+        meta = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc), "data": resolved["data"],
+                "step": step, "epoch": epoch, "best_val": best_val}
+        save_checkpoint(os.path.join(tc.out, name or f"ckpt_{step:08d}.npz"), state, meta)
+        for old in checkpoints(tc.out)[:-tc.keep]:
+            os.remove(old)
+
+    def run_eval(step, epoch):
+        nonlocal best_val
+        record = {"step": step, "epoch": epoch}
+        for name in ("validation", "test"):
+            key = "val_nll_bits" if name == "validation" else "test_nll_bits"
+            record[key] = evaluate(state["ema"], subset(getattr(ds, name), tc.eval_clips), eval_batch)
+        write(record)
+        if best_val is None or record["val_nll_bits"] < best_val:
+            best_val = record["val_nll_bits"]
+            save(step, epoch, "best.npz")
+
+    stop = {"signal": None}
+    handler = lambda signum, frame: stop.update(signal=signum)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    start = int(state["step"])
+    step = epoch = start
+    timer, timed_steps, compile_s = None, 0, None
+    for step, epoch, tokens, mask in train_batches(ds.train, tc, start):
+        if step >= total_steps or stop["signal"]:
+            break
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
+        if compile_s is None:  # the first step compiles: time it apart
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - t0
+            say(f"compiled and ran the first step in {compile_s:.1f} s")
+            timer, timed_steps = time.perf_counter(), 0
+        else:
+            timed_steps += 1
+        if int(state["bad_run"]) >= tc.max_bad_steps:
+            save(step + 1, epoch)  # the skipped steps left the parameters as they were: a good state
+            raise SystemExit(f"error: {tc.max_bad_steps} updates in a row skipped (loss NaN/inf or gradient "
+                             f"norm > {tc.skip_norm}) at step {step + 1}; last good state saved in {tc.out}")
+        done = step + 1
+        if done % tc.log_every == 0 or done == total_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - timer
+            ms = 1000 * elapsed / max(timed_steps, 1)
+            write({"step": done, "epoch": epoch, "loss_bits": float(metrics["loss_bits"]),
+                   "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]), "ms_per_step": ms,
+                   "tokens_per_s": float(metrics["tokens"]) * 1000 / ms, "skipped": int(state["skipped"]),
+                   "eta_min": ms * (total_steps - done) / 60000})
+        end_of_epoch = done % per_epoch == 0
+        if end_of_epoch or (tc.eval_every and done % tc.eval_every == 0):
+            run_eval(done, epoch)
+        if end_of_epoch or done % tc.ckpt_every == 0:
+            save(done, epoch + end_of_epoch)
+    done = int(state["step"])
+    if stop["signal"]:
+        save(done, epoch)
+        say(f"interrupted: saved step {done} in {tc.out}; continue with --resume")
+        return 130
+    if done > start and (done % per_epoch) and not (tc.eval_every and done % tc.eval_every == 0):
+        run_eval(done, epoch)
+    save(done, epoch)
+    say(f"done: {done} steps, best validation NLL {best_val:.3f} bits (uniform guess: 8 bits, unigram "
+        f"{unigram:.2f} bits)" if best_val is not None else f"done: {done} steps")
+    say(f"next: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'samples')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
