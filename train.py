@@ -10,6 +10,7 @@ multi-host) with one axis, 'data': the batch is sharded, parameters and optimise
 Checkpoints are .npz files of plain arrays keyed by tree path (no pickle), written atomically.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,7 +69,7 @@ PRESETS = {  # per dataset: (model changes, train changes); explicit flags overr
     # RG-LRU's associative scan there dominates a CPU step); the first pooling is by 4.
     "sc09-espeak": ({"pooling": (4, 4, 5), "layers": (0, 1, 1, 2), "d_model": 32, "d_rnn": 64, "dropout": 0.0},
                     {"out": "runs/digits", "batch_size": 4, "steps": 250, "warmup": 50, "log_every": 10,
-                     "ckpt_every": 100, "eval_clips": 64}),
+                     "ckpt_every": 100, "eval_clips": 64, "ema": 0.98}),  # 0.999 would average ~1000 steps
     "bytes": ({"pooling": (2, 4, 4, 5), "layers": (2, 2, 2, 2, 2)}, {"out": "runs/bytes", "seq_len": 4000}),
 }
 
@@ -160,11 +161,13 @@ def make_evaluate(cfg, mesh):
 
 def make_mesh():
     """One 'data' axis over every device of every process. Multi-host: launched with the usual JAX
-    distributed environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a
-    cluster JAX detects), jax.distributed.initialize() joins the processes first."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+    distributed environment (JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID),
+    jax.distributed.initialize() joins the processes first."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
-        jax.distributed.initialize()
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                                   int(env["JAX_PROCESS_ID"]))
     return Mesh(np.array(jax.devices()), ("data",))
 
 
@@ -282,6 +285,19 @@ def load_model(checkpoint, prefer="best"):
 # ---------------------------------------------------------------- the loop
 
 
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C / SIGTERM set a flag, so the loop finishes its step, saves and exits."""
+    stop = {"signal": None}
+    handler = lambda signum, frame: stop.update(signal=signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def parse_args(argv):
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--dataset", default=TrainConfig.dataset, choices=sorted(PRESETS))
@@ -380,55 +396,53 @@ def main(argv=None):
             best_val = record["val_nll_bits"]
             save(step, epoch, "best.npz")
 
-    stop = {"signal": None}
-    handler = lambda signum, frame: stop.update(signal=signum)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    start = int(state["step"])
-    step = epoch = start
-    timer, timed_steps, compile_s = None, 0, None
-    for step, epoch, tokens, mask in train_batches(ds.train, tc, start):
-        if step >= total_steps or stop["signal"]:
-            break
-        t0 = time.perf_counter()
-        state, metrics = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
-        if compile_s is None:  # the first step compiles: time it apart
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - t0
-            say(f"compiled and ran the first step in {compile_s:.1f} s")
-            timer, timed_steps = time.perf_counter(), 0
-        else:
-            timed_steps += 1
-        if int(state["bad_run"]) >= tc.max_bad_steps:
-            save(step + 1, epoch)  # the skipped steps left the parameters as they were: a good state
-            raise SystemExit(f"error: {tc.max_bad_steps} updates in a row skipped (loss NaN/inf or gradient "
-                             f"norm > {tc.skip_norm}) at step {step + 1}; last good state saved in {tc.out}")
-        done = step + 1
-        if done % tc.log_every == 0 or done == total_steps:
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - timer
-            ms = 1000 * elapsed / max(timed_steps, 1)
-            write({"step": done, "epoch": epoch, "loss_bits": float(metrics["loss_bits"]),
-                   "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]), "ms_per_step": ms,
-                   "tokens_per_s": float(metrics["tokens"]) * 1000 / ms, "skipped": int(state["skipped"]),
-                   "eta_min": ms * (total_steps - done) / 60000})
-        end_of_epoch = done % per_epoch == 0
-        if end_of_epoch or (tc.eval_every and done % tc.eval_every == 0):
+    with interruptible() as stop:
+        start = int(state["step"])
+        step = epoch = start
+        timer, timed_steps, compile_s = None, 0, None
+        for step, epoch, tokens, mask in train_batches(ds.train, tc, start):
+            if step >= total_steps or stop["signal"]:
+                break
+            t0 = time.perf_counter()
+            state, metrics = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
+            if compile_s is None:  # the first step compiles: time it apart
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - t0
+                say(f"compiled and ran the first step in {compile_s:.1f} s")
+                timer, timed_steps = time.perf_counter(), 0
+            else:
+                timed_steps += 1
+            done = step + 1
+            bad_run = int(state["bad_run"])
+            if done % tc.log_every == 0 or done == total_steps or bad_run:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - timer
+                ms = 1000 * elapsed / max(timed_steps, 1)
+                write({"step": done, "epoch": epoch, "loss_bits": float(metrics["loss_bits"]),
+                       "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]), "ms_per_step": ms,
+                       "tokens_per_s": float(metrics["tokens"]) * 1000 / ms, "skipped": int(state["skipped"]),
+                       "eta_min": ms * (total_steps - done) / 60000})
+            if bad_run >= tc.max_bad_steps:
+                save(done, epoch)  # the skipped steps left the parameters as they were: a good state
+                raise SystemExit(f"error: {tc.max_bad_steps} updates in a row skipped (loss NaN/inf or gradient "
+                                 f"norm > {tc.skip_norm}) at step {done}; last good state saved in {tc.out}")
+            end_of_epoch = done % per_epoch == 0
+            if end_of_epoch or (tc.eval_every and done % tc.eval_every == 0):
+                run_eval(done, epoch)
+            if end_of_epoch or done % tc.ckpt_every == 0:
+                save(done, epoch + end_of_epoch)
+        done = int(state["step"])
+        if stop["signal"]:
+            save(done, epoch)
+            say(f"interrupted: saved step {done} in {tc.out}; continue with --resume")
+            return 130
+        if done > start and (done % per_epoch) and not (tc.eval_every and done % tc.eval_every == 0):
             run_eval(done, epoch)
-        if end_of_epoch or done % tc.ckpt_every == 0:
-            save(done, epoch + end_of_epoch)
-    done = int(state["step"])
-    if stop["signal"]:
         save(done, epoch)
-        say(f"interrupted: saved step {done} in {tc.out}; continue with --resume")
-        return 130
-    if done > start and (done % per_epoch) and not (tc.eval_every and done % tc.eval_every == 0):
-        run_eval(done, epoch)
-    save(done, epoch)
-    say(f"done: {done} steps, best validation NLL {best_val:.3f} bits (uniform guess: 8 bits, unigram "
-        f"{unigram:.2f} bits)" if best_val is not None else f"done: {done} steps")
-    say(f"next: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'samples')}")
-    return 0
+        say(f"done: {done} steps, best validation NLL {best_val:.3f} bits (uniform guess: 8 bits, unigram "
+            f"{unigram:.2f} bits)" if best_val is not None else f"done: {done} steps")
+        say(f"next: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'samples')}")
+        return 0
 
 
 if __name__ == "__main__":
