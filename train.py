@@ -68,7 +68,7 @@ PRESETS = {  # per dataset: (model changes, train changes); explicit flags overr
     # CPU-sized, the README's main job: ~5 minutes on 2 cores. No layers at the full 16 kHz rate (the
     # RG-LRU's associative scan there dominates a CPU step); the first pooling is by 4.
     "sc09-espeak": ({"pooling": (4, 4, 5), "layers": (0, 1, 1, 2), "d_model": 32, "d_rnn": 64, "dropout": 0.0},
-                    {"out": "runs/digits", "batch_size": 4, "steps": 250, "warmup": 50, "log_every": 10,
+                    {"out": "runs/digits", "batch_size": 4, "steps": 400, "warmup": 50, "log_every": 10,
                      "ckpt_every": 100, "eval_clips": 64, "ema": 0.98}),  # 0.999 would average ~1000 steps
     "bytes": ({"pooling": (2, 4, 4, 5), "layers": (2, 2, 2, 2, 2)}, {"out": "runs/bytes", "seq_len": 4000}),
 }

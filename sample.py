@@ -1,0 +1,132 @@
+"""Generate audio from a trained Poolformer with the recurrent sampler.
+
+    python sample.py --checkpoint runs/digits --n 16 --out runs/digits/samples
+
+One jitted lax.scan over pf.step: every layer keeps its state, and level k runs (lax.cond inside
+pf.step) only once every F_1*..*F_k tokens, so a token costs about what one token of a parallel
+forward pass costs. (The thesis author's sampler re-evaluated each 160-token segment 160 times.)
+Writes OUT/sample_XXX.wav (16-bit, decoded with the dataset's own encoding), OUT/samples.json
+(each clip's NLL under the model, in bits per generated sample) and OUT/spectrograms.png.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import data
+import metrics
+import pf
+import train
+
+
+def filter_logits(logits, temperature, top_p):
+    """The distribution the sampler draws from: logits / temperature, then nucleus (top-p) filtering,
+    which keeps the smallest set of most likely tokens whose probability reaches top_p."""
+    logits = logits / temperature
+    if top_p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, -1), -1)
+    outside = jnp.cumsum(sorted_probs, -1) - sorted_probs >= top_p  # mass before this token already >= p
+    drop = jnp.zeros_like(outside).at[jnp.arange(logits.shape[0])[:, None], order].set(outside)
+    return jnp.where(drop, -jnp.inf, logits)
+
+
+def generate(params, cfg, key, prompt, prompt_len, temperature=1.0, top_p=1.0):
+    """prompt (B, S) tokens, of which the first prompt_len are teacher-forced; the rest are sampled.
+    -> tokens (B, S), log p(token) (B, S) under the model itself (temperature 1, no filtering)."""
+    batch, length = prompt.shape
+
+    def body(carry, inputs):
+        state, prev = carry
+        t, forced = inputs
+        logits, state = pf.step(params, state, prev, cfg)  # (B, V)
+        drawn = jax.random.categorical(jax.random.fold_in(key, t), filter_logits(logits, temperature, top_p))
+        token = jnp.where(t < prompt_len, forced, drawn).astype(prev.dtype)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
+        return (state, token), (token, logp)
+
+    start = (pf.init_state(cfg, batch, length), jnp.full((batch,), pf.SILENCE, jnp.int32))
+    _, (tokens, logp) = jax.lax.scan(body, start, (jnp.arange(length), prompt.T.astype(jnp.int32)))
+    return tokens.T, logp.T
+
+
+def prompt_tokens(path, encoding, length):
+    """A WAV file -> its tokens (at most length - 1 of them, so at least one token is sampled)."""
+    audio, rate = data.read_wav(path)
+    if rate != data.SAMPLE_RATE:
+        audio = data.resample(audio, rate, data.SAMPLE_RATE)
+    tokens = data.encode(audio[: length - 1], encoding)
+    return tokens, len(tokens)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a train.py run folder (best.npz, else newest) or .npz")
+    parser.add_argument("--n", type=int, default=16, help="clips to write")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seq-len", type=int, help="tokens per clip (default: the training length)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompt", help="a WAV to continue: its tokens are teacher-forced, then sampling goes on")
+    parser.add_argument("--generate", type=int, help="generate this many clips and keep the --n most likely "
+                        "(SaShiMi sorts samples by likelihood); default: --n")
+    args = parser.parse_args(argv)
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise SystemExit("error: --temperature must be > 0 and --top-p in (0, 1]")
+
+    cfg, params, meta = train.load_model(args.checkpoint)
+    encoding, rate = meta["data"]["encoding"], meta["data"]["sample_rate"] or data.SAMPLE_RATE
+    length = args.seq_len or meta["data"]["seq_len"]
+    try:
+        cfg.check_length(length)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    prompt, prompt_len = np.full(length, pf.SILENCE, np.int32), 0
+    if args.prompt:
+        try:
+            tokens, prompt_len = prompt_tokens(args.prompt, encoding, length)
+        except data.WavError as e:
+            raise SystemExit(f"error: {e}")
+        prompt[:prompt_len] = tokens
+
+    total = max(args.generate or args.n, args.n)
+    run = jax.jit(lambda key, prompts: generate(params, cfg, key, prompts, prompt_len, args.temperature, args.top_p))
+    print(f"sampling {total} clips of {length} tokens ({encoding}) from step {meta['step']}, batch {args.batch_size}")
+    clips, logps, start = [], [], time.perf_counter()
+    for i in range(0, total, args.batch_size):
+        tokens, logp = run(jax.random.fold_in(jax.random.key(args.seed), i), np.tile(prompt, (args.batch_size, 1)))
+        clips.append(np.asarray(tokens)[: total - i])
+        logps.append(np.asarray(logp)[: total - i])
+        done = min(i + args.batch_size, total)
+        print(f"{done}/{total} clips | {done * length / (time.perf_counter() - start):.0f} tokens/s (incl. compile)")
+    tokens, logp = np.concatenate(clips), np.concatenate(logps)
+    nll_bits = -logp[:, prompt_len:].mean(1) / np.log(2)
+    keep = np.argsort(nll_bits)[: args.n] if args.generate else np.arange(args.n)
+
+    os.makedirs(args.out, exist_ok=True)
+    audio = data.decode(tokens[keep], encoding) if encoding != "bytes" else tokens[keep] / 127.5 - 1
+    records = []
+    for j, (i, clip) in enumerate(zip(keep, audio)):
+        name = f"sample_{j:03d}.wav"
+        data.write_wav(os.path.join(args.out, name), clip, rate)
+        records.append({"file": name, "nll_bits": float(nll_bits[i]), "index": int(i)})
+    with open(os.path.join(args.out, "samples.json"), "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "step": meta["step"], "seed": args.seed,
+                   "temperature": args.temperature, "top_p": args.top_p, "prompt": args.prompt,
+                   "prompt_tokens": prompt_len, "samples": records}, f, indent=1)
+    metrics.write_png(os.path.join(args.out, "spectrograms.png"), metrics.spectrogram_grid(audio, rate))
+    print(f"wrote {len(keep)} WAVs, samples.json (mean NLL {nll_bits[keep].mean():.3f} bits) and "
+          f"spectrograms.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
