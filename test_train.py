@@ -232,7 +232,8 @@ def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(data_dir, tm
     with pytest.raises(SystemExit, match="3 updates in a row skipped"):
         train.main(args(data_dir, out, "--max-bad-steps", "3"))
     meta, arrays = train.read_checkpoint(train.checkpoints(out)[-1])
-    fresh = train.flatten(pf.init(jax.random.key(0), pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64)))
+    cfg, tc = train.parse_args(args(data_dir, out))
+    fresh = train.flatten(jax.jit(lambda: train.init_state(cfg, tc))()["params"])  # as train.py initialises
     assert_same_params({k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")},
                        {k: np.asarray(v) for k, v in fresh.items()}, 0.0)
     assert [r["skipped"] for r in log_records(out) if "loss_bits" in r] == [1, 2, 3]

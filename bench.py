@@ -1,0 +1,229 @@
+"""Performance, measured as ratios side by side in one run (this machine is shared and noisy).
+
+    python bench.py --quick     # a few minutes: short sequences, batch 1
+    python bench.py             # the issue's sizes: 16,000 samples, thesis batch with accumulation
+
+Every part runs in a fresh subprocess (`--part NAME`), so its peak memory (max RSS) is its own.
+Prints a table and writes bench.json. Model FLOPs are counted from the architecture (count_flops):
+2 x multiply-adds of every dense, gate and pooling matmul and the head, per token at each level's
+rate; a training step is 3x the forward (forward + backward); the recomputation of rematerialised
+ResBlocks and elementwise work (the scan, norms, activations) are not counted.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BASELINE = {}  # pf.Config() defaults are the thesis baseline
+NO_POOLING = {"pooling": (), "layers": (36,)}  # thesis table 4.2: same 36 RG-LRU layers, no pooling
+
+
+def count_flops(cfg):
+    """Forward FLOPs per input token (see the module docstring for what is counted)."""
+    d, r, v = cfg.d_model, cfg.d_rnn, cfg.vocab
+    n = r // 2 if cfg.complex_rnn else r
+    temporal = d * r + 2 * r * n // 32 + r * d + (d * d if cfg.gated else 0) + d * d
+    attention = d * d + 2 * d * (d // 4) + d * d + (d * d if cfg.gated else 0) + d * d
+    mlp = d * 2 * d + (d * 2 * d if cfg.gated else 0) + 2 * d * d
+    pool = 2 * d * (d // cfg.n_groups)  # down and up, per fine token
+    macs, rate = d * v, 1.0
+    for level, layers in enumerate(cfg.layers):
+        deepest = level == len(cfg.pooling)
+        per_layer = (attention if deepest and cfg.deepest == "attention" else temporal) + mlp
+        macs += rate * (layers if deepest else 2 * layers) * per_layer
+        if not deepest:
+            macs += rate * pool
+            rate /= cfg.pooling[level]
+    return 2 * macs
+
+
+def peak_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def timed(fn, *args, repeats=3):
+    """(compile seconds, median seconds per call after compiling)."""
+    import jax
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, float(np.median(times))
+
+
+# ---------------------------------------------------------------- parts (each in its own process)
+
+
+def part_matmul(a):
+    import jax
+    import jax.numpy as jnp
+    n = 2048
+    x = jax.random.normal(jax.random.key(0), (n, n))
+    _, s = timed(lambda x: x @ x, x, repeats=5)
+    return {"matmul_peak_gflops": 2 * n**3 / s / 1e9}
+
+
+def part_train(a):
+    import jax
+    import pf
+    import train
+    from jax.sharding import Mesh
+    cfg = pf.Config(**json.loads(a.model))
+    tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    state = jax.jit(lambda: train.init_state(cfg, tc))()
+    tokens = np.random.default_rng(0).integers(0, 256, (a.batch, a.seq_len), dtype=np.uint8)
+    mask = np.ones_like(tokens, bool)
+    step = train.make_train_step(cfg, tc, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, tokens, mask).compile()
+    compile_s = time.perf_counter() - start
+    state, m = compiled(state, tokens, mask)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(a.repeats):
+        start = time.perf_counter()
+        state, m = compiled(state, tokens, mask)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    s = float(np.median(times))
+    n_tokens = a.batch * a.seq_len
+    return {"ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s, "compile_s": compile_s,
+            "model_gflops_per_step": 3 * count_flops(cfg) * n_tokens / 1e9, "peak_mem_gib": peak_gib(),
+            "params": pf.count_params(state["params"])}
+
+
+def part_scan(a):
+    import jax
+    import jax.numpy as jnp
+    import pf
+    shape = (16000, a.batch, 128)  # S, B, N: the baseline's R = 256 complex channels at 16 kHz
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    mag = jax.random.uniform(k1, shape, minval=0.9, maxval=0.999)
+    a_ = mag * jnp.exp(1j * jax.random.uniform(k2, shape, maxval=0.3))
+    b_ = jax.random.normal(k3, shape) + 0j
+    out = {}
+    for name, scan in (("assoc", pf.scan_associative), ("seq", pf.scan_sequential)):
+        loss = lambda a, b: jnp.sum(jnp.abs(scan(a, b)) ** 2)
+        _, out[name] = timed(jax.value_and_grad(loss, (0, 1)), a_.astype(jnp.complex64), b_.astype(jnp.complex64))
+    return {"scan_assoc_ms": 1000 * out["assoc"], "scan_seq_ms": 1000 * out["seq"],
+            "scan_assoc_over_seq": out["assoc"] / out["seq"]}
+
+
+def part_sampler(a):
+    import jax
+    import jax.numpy as jnp
+    import pf
+    import sample
+    cfg = pf.Config(**json.loads(a.model))
+    params = jax.jit(pf.init, static_argnums=1)(jax.random.key(0), cfg)
+    prompt = jnp.full((a.batch, a.seq_len), pf.SILENCE, jnp.int32)
+    _, fwd = timed(lambda p, x: pf.apply(p, x, cfg), params, prompt, repeats=2)
+    _, smp = timed(lambda p, k: sample.generate(p, cfg, k, prompt, 0), params, jax.random.key(1), repeats=1)
+    tokens = a.batch * a.seq_len
+    return {"sampler_tokens_per_s": tokens / smp, "forward_tokens_per_s": tokens / fwd,
+            "sampler_over_forward": fwd / smp, "sample_s": smp, "sample_batch": a.batch, "sample_len": a.seq_len}
+
+
+def part_data(a):
+    import data
+    data.load("sc09-espeak", a.data_dir, "default")  # make sure the WAVs exist (built once)
+    root = os.path.join(a.data_dir, "sc09-espeak")
+    with tempfile.TemporaryDirectory() as cache_home:  # a fresh cache: the first load reads every WAV
+        start = time.perf_counter()
+        ds = data.load("sc09-espeak", cache_home, path=root)
+        wav_s = time.perf_counter() - start
+        start = time.perf_counter()
+        data.load("sc09-espeak", cache_home, path=root)
+        cached_s = time.perf_counter() - start
+    clips = len(ds.train) + len(ds.validation) + len(ds.test)
+    return {"data_clips_per_s": clips / wav_s, "data_cached_reload_s": cached_s, "data_clips": clips,
+            "sc09_full_from_wavs_s": 38908 / (clips / wav_s), "sc09_full_from_cache_s": cached_s * 38908 / clips}
+
+
+PARTS = {"matmul": part_matmul, "train": part_train, "scan": part_scan, "sampler": part_sampler, "data": part_data}
+
+
+def run_part(name, **kw):
+    argv = [sys.executable, os.path.abspath(__file__), "--part", name]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    print(f"... {name} {kw}", flush=True)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--part", choices=sorted(PARTS))  # internal: one part, JSON on stdout
+    p.add_argument("--model", default="{}")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--microbatch", type=int)
+    p.add_argument("--seq-len", type=int, default=16000)
+    p.add_argument("--repeats", type=int, default=2)
+    a = p.parse_args(argv)
+    if a.part:
+        print(json.dumps(PARTS[a.part](a)))
+        return 0
+
+    length = 3200 if a.quick else 16000
+    r = {"quick": a.quick, "seq_len": length}
+    r.update(run_part("matmul"))
+    base = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2)
+    nopool = run_part("train", model=NO_POOLING, batch=1, seq_len=length, repeats=2)
+    r["train_baseline"], r["train_no_pooling"] = base, nopool
+    r.update(run_part("scan", batch=1))
+    r.update(run_part("sampler", model=BASELINE, batch=16, seq_len=320 if a.quick else 1600))
+    r.update(run_part("data", data_dir=a.data_dir))
+    if not a.quick:  # the thesis batch, 32 x 16,000, with accumulation
+        r["train_thesis_batch"] = run_part("train", model=BASELINE, batch=32, microbatch=1, seq_len=16000, repeats=1)
+        # 16 one-second clips with the baseline, extrapolated from the sampler's measured rate
+        r["sample_16_clips_s"] = 16 * 16000 / r["sampler_tokens_per_s"] if "sampler_tokens_per_s" in r else None
+
+    get = lambda d, k: d.get(k) if d else None
+    gflops = base.get("model_gflops_per_step", 0) / (base.get("ms_per_step", math.inf) / 1000) if base else None
+    summary = {
+        "train_tokens_per_s": get(base, "tokens_per_s"),
+        "mfu": gflops / r["matmul_peak_gflops"] if gflops and r.get("matmul_peak_gflops") else None,
+        "model_gflops_per_s": gflops,
+        "matmul_peak_gflops": r.get("matmul_peak_gflops"),
+        "pooling_speedup": nopool["ms_per_step"] / base["ms_per_step"] if base and nopool else None,
+        "pooling_flop_ratio": nopool["model_gflops_per_step"] / base["model_gflops_per_step"] if base and nopool else None,
+        "scan_assoc_over_seq": r.get("scan_assoc_over_seq"),
+        "sampler_over_forward": r.get("sampler_over_forward"),
+        "peak_mem_gib": get(r.get("train_thesis_batch"), "peak_mem_gib") or get(base, "peak_mem_gib"),
+        "compile_s": get(base, "compile_s"),
+        "data_clips_per_s": r.get("data_clips_per_s"),
+    }
+    result = {**summary, "details": r, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+              "python": platform.python_version()}, "command": " ".join(["python", "bench.py"] + (argv or sys.argv[1:]))}
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{'measure':28s} value")
+    for k, v in summary.items():
+        print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    print(f"(details in {a.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
