@@ -98,11 +98,11 @@ def main(argv=None):
         prompt[:prompt_len] = tokens
 
     total = max(args.generate or args.n, args.n)
-    run = jax.jit(lambda key, prompts: generate(params, cfg, key, prompts, prompt_len, args.temperature, args.top_p))
+    run = jax.jit(lambda p, key, prompts: generate(p, cfg, key, prompts, prompt_len, args.temperature, args.top_p))
     print(f"sampling {total} clips of {length} tokens ({encoding}) from step {meta['step']}, batch {args.batch_size}")
     clips, logps, start = [], [], time.perf_counter()
     for i in range(0, total, args.batch_size):
-        tokens, logp = run(jax.random.fold_in(jax.random.key(args.seed), i), np.tile(prompt, (args.batch_size, 1)))
+        tokens, logp = run(params, jax.random.fold_in(jax.random.key(args.seed), i), np.tile(prompt, (args.batch_size, 1)))
         clips.append(np.asarray(tokens)[: total - i])
         logps.append(np.asarray(logp)[: total - i])
         done = min(i + args.batch_size, total)
