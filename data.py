@@ -369,11 +369,20 @@ def _signature(root, relpaths):
     return h.hexdigest()
 
 
-def _write_atomic(path, write):
+def write_atomic(path, write):
+    """write(f) into a temporary file beside path, fsync it, rename it over path, fsync the folder:
+    a crash leaves the old file or the new one, never half of one. (Checkpoints, caches, outputs.)"""
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'wb') as f:
         write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _cached_load(cache_dir, key, read):
@@ -396,10 +405,10 @@ def _cached_load(cache_dir, key, read):
     for s in SPLITS:
         for field in ('tokens', 'lengths', 'labels'):
             array = getattr(splits[s], field)
-            _write_atomic(os.path.join(cache_dir, f'{s}_{field}.npy'),
+            write_atomic(os.path.join(cache_dir, f'{s}_{field}.npy'),
                           lambda f: np.save(f, array, allow_pickle=False))
     manifest = {'key': key, 'files': n_files, 'errors': errors}
-    _write_atomic(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_atomic(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return splits
 
 

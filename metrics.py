@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import data
+
 # ----------------------------------------------------------------------------------------------
 # Mel front end, as SaShiMi's classifier sees audio (librosa defaults of its time)
 
@@ -460,28 +462,19 @@ def load_params_npz(path):
         return jax.tree.map(jnp.asarray, unflatten_params({k: f[k] for k in f.files}))
 
 
-def _atomic_write(path, write):
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_params_npz(path, params):
-    _atomic_write(path, lambda f: np.savez(f, **flatten_params(jax.device_get(params))))
+    data.write_atomic(path, lambda f: np.savez(f, **flatten_params(jax.device_get(params))))
 
 
 def save_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+    data.write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
 
 
 def save_classifier(out_dir, params, config, train_stats):
     """out_dir/params.npz, out_dir/train_stats.npz (FID / AM reference statistics), out_dir/config.json."""
     os.makedirs(out_dir, exist_ok=True)
     save_params_npz(os.path.join(out_dir, 'params.npz'), params)
-    _atomic_write(os.path.join(out_dir, 'train_stats.npz'), lambda f: np.savez(f, **train_stats))
+    data.write_atomic(os.path.join(out_dir, 'train_stats.npz'), lambda f: np.savez(f, **train_stats))
     save_json(os.path.join(out_dir, 'config.json'), config)
 
 
@@ -518,7 +511,6 @@ def load_model_params(checkpoint):
 def model_test_nll(checkpoint):
     """Test NLL (bits per sample) of a train.py checkpoint's EMA weights on the whole test split of
     the dataset it was trained on, with train.py's own evaluate."""
-    import data
     import train
     cfg, params, meta = load_model_params(checkpoint)
     tc = meta['train']
@@ -559,7 +551,7 @@ def write_png(path, image):
     ihdr = w.to_bytes(4, 'big') + h.to_bytes(4, 'big') + bytes([8, color_type, 0, 0, 0])
     png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw.tobytes(), 9))
            + chunk(b'IEND', b''))
-    _atomic_write(path, lambda f: f.write(png))
+    data.write_atomic(path, lambda f: f.write(png))
 
 
 # A colour map from black through purple and orange to pale yellow (magma-like anchors).
@@ -718,7 +710,6 @@ def figure_complex_plane(a_values, size=480, lim=1.1):
 # Command line
 
 def _split_audio(split, encoding):
-    import data  # data.py is only needed by the commands
     audio = data.decode(split.tokens, encoding)
     audio = np.where(np.arange(audio.shape[1])[None, :] < split.lengths[:, None], audio, 0.0)  # padding -> 0
     return fit_length(audio)
@@ -727,7 +718,6 @@ def _split_audio(split, encoding):
 def cmd_train_classifier(args):
     """Train the digit classifier on the dataset's training split. It sees the 8-bit audio decoded
     from the tokens (data.decode), the same kind of audio the generative model produces."""
-    import data  # data.py is only needed by the commands
     ds = data.load(args.dataset, data_dir=args.data_dir, size=args.size)  # before any JAX computation
     if ds.sample_rate != SAMPLE_RATE:
         raise SystemExit(f'{args.dataset}: {ds.sample_rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
@@ -764,7 +754,6 @@ def cmd_train_classifier(args):
 
 
 def cmd_evaluate(args):
-    import data  # data.py is only needed by the commands
     cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
     params, config, stats = load_classifier(cdir)
     paths = sorted(os.path.join(args.samples, f) for f in os.listdir(args.samples) if f.lower().endswith('.wav'))

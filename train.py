@@ -205,17 +205,9 @@ def flatten(tree):
 
 
 def save_checkpoint(path, state, meta):
-    """Atomic: write a temporary file, fsync it, rename it over the target, fsync the folder."""
+    """Plain arrays keyed by tree path plus a JSON meta record, written atomically."""
     arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    data.write_atomic(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
 
 
 def read_checkpoint(path):
