@@ -238,40 +238,45 @@ def checkpoints(out):
     return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith("ckpt_") and f.endswith(".npz"))
 
 
-def load_latest(out, cfg, template):
-    """The newest readable checkpoint: (state, meta). A corrupt one is reported and the previous used;
-    one from another model config is refused, naming the differing fields."""
-    for path in reversed(checkpoints(out)):
-        try:
-            meta, arrays = read_checkpoint(path)
-        except Exception as e:  # truncated zip, bad CRC, bad JSON...
-            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
-            continue
-        diff = config_mismatch(meta["model"], cfg)
-        if diff:
-            raise SystemExit(f"error: {path} was trained with another model config; differing fields:\n  "
-                             + "\n  ".join(diff))
-        return restore(template, arrays, path), meta
-    return None, None
-
-
-def load_model(checkpoint, prefer="best"):
-    """(cfg, ema params, meta) from a run folder (best.npz, else the newest checkpoint) or an .npz
-    file: what sample.py and metrics.py evaluate."""
-    paths = [checkpoint] if checkpoint.endswith(".npz") else \
-        [p for p in [os.path.join(checkpoint, "best.npz")] if prefer == "best" and os.path.exists(p)] + \
-        list(reversed(checkpoints(checkpoint)))
+def first_readable(paths):
+    """(path, meta, arrays) of the first checkpoint in paths that reads cleanly; a corrupt or
+    truncated one is reported and the next tried. None if there is none."""
     for path in paths:
         try:
-            meta, arrays = read_checkpoint(path)
-        except Exception as e:
+            return (path, *read_checkpoint(path))
+        except Exception as e:  # truncated zip, bad CRC, bad JSON...
             print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
-            continue
-        cfg = pf.Config(**meta["model"])
-        template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
-        ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
-        return cfg, restore(template, ema, path), meta
-    raise SystemExit(f"error: no readable checkpoint in {checkpoint}")
+    return None
+
+
+def load_latest(out, cfg, template):
+    """The newest readable checkpoint: (state, meta). One from another model config is refused,
+    naming the differing fields."""
+    found = first_readable(reversed(checkpoints(out)))
+    if found is None:
+        return None, None
+    path, meta, arrays = found
+    diff = config_mismatch(meta["model"], cfg)
+    if diff:
+        raise SystemExit(f"error: {path} was trained with another model config; differing fields:\n  "
+                         + "\n  ".join(diff))
+    return restore(template, arrays, path), meta
+
+
+def load_model(checkpoint):
+    """(cfg, ema params, meta) from a run folder (best.npz, else the newest checkpoint) or an .npz
+    file: what sample.py and metrics.py evaluate."""
+    best = os.path.join(checkpoint, "best.npz")
+    paths = [checkpoint] if checkpoint.endswith(".npz") else \
+        [best] * os.path.exists(best) + list(reversed(checkpoints(checkpoint)))
+    found = first_readable(paths)
+    if found is None:
+        raise SystemExit(f"error: no readable checkpoint in {checkpoint}")
+    path, meta, arrays = found
+    cfg = pf.Config(**meta["model"])
+    template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
+    return cfg, restore(template, ema, path), meta
 
 
 # ---------------------------------------------------------------- the loop
