@@ -1,5 +1,6 @@
 """Properties of pf.py, each against an independent reference: the thesis' tables, NumPy loops,
 the sequential scan, the token-by-token step."""
+import functools
 import math
 import subprocess
 import sys
@@ -89,13 +90,16 @@ def scan_value_and_grad(scan):
     return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(length=st.one_of(st.integers(1, 40), st.sampled_from([127, 509, 1021, 2048, 3001])),
-       complex_rnn=st.booleans(), near_one=st.booleans(), with_h0=st.booleans(), seed=st.integers(0, 2**16))
-def test_associative_scan_equals_sequential_scan(length, complex_rnn, near_one, with_h0, seed):
+       complex_rnn=st.booleans(), near_one=st.booleans(), with_h0=st.booleans(), seed=st.integers(0, 2**16),
+       chunk=st.sampled_from([None, 1, 2, 7, 64, 4096]))
+def test_associative_scan_equals_sequential_scan(length, complex_rnn, near_one, with_h0, seed, chunk):
+    """Any chunk size (1: the plain associative scan; >= length: one chunk) and lengths that chunks
+    do not divide."""
     a, b, h0 = random_recurrence(seed, length, complex_rnn, near_one)
     h0 = h0 if with_h0 else jnp.zeros_like(h0)
-    (_, fast), (ga, gb) = scan_value_and_grad(pf.scan_associative)(a, b, h0)
+    (_, fast), (ga, gb) = scan_value_and_grad(functools.partial(pf.scan_associative, chunk=chunk))(a, b, h0)
     (_, slow), (sa, sb) = scan_value_and_grad(pf.scan_sequential)(a, b, h0)
     tol = math.log2(length + 1) * max(float(jnp.max(jnp.abs(slow))), 1.0)
     assert_close(fast, slow, 2e-5 * tol, "values")
