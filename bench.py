@@ -7,7 +7,11 @@ Every part runs in a fresh subprocess (`--part NAME`), so its peak memory (max R
 Prints a table and writes bench.json. Model FLOPs are counted from the architecture (count_flops):
 2 x multiply-adds of every dense, gate and pooling matmul and the head, per token at each level's
 rate; a training step is 3x the forward (forward + backward); the recomputation of rematerialised
-ResBlocks and elementwise work (the scan, norms, activations) are not counted.
+ResBlocks and elementwise work (the scan, norms, activations) are not counted. test_bench.py checks
+the count against the matmuls JAX traces.
+
+speedup_over_first_landing times the same baseline step as first landed (`--part train --before`:
+the plain associative scan, chunk 1, and XLA's default CPU fusions) against the current one.
 """
 import argparse
 import json
@@ -83,6 +87,8 @@ def part_train(a):
     from jax.sharding import Mesh
     cfg = pf.Config(**json.loads(a.model))
     tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
+    if a.before:  # the step as first landed: the plain associative scan, XLA's default CPU fusions
+        pf.SCAN_CHUNK, train.compiler_options = 1, lambda: None
     mesh = Mesh(np.array(jax.devices()), ("data",))
     state = jax.jit(lambda: train.init_state(cfg, tc))()
     tokens = np.random.default_rng(0).integers(0, 256, (a.batch, a.seq_len), dtype=np.uint8)
@@ -116,11 +122,12 @@ def part_scan(a):
     a_ = mag * jnp.exp(1j * jax.random.uniform(k2, shape, maxval=0.3))
     b_ = jax.random.normal(k3, shape) + 0j
     out = {}
-    for name, scan in (("assoc", pf.scan_associative), ("seq", pf.scan_sequential)):
+    plain = lambda a, b: pf.scan_associative(a, b, chunk=1)
+    for name, scan in (("assoc", pf.scan_associative), ("plain", plain), ("seq", pf.scan_sequential)):
         loss = lambda a, b: jnp.sum(jnp.abs(scan(a, b)) ** 2)
         _, out[name] = timed(jax.value_and_grad(loss, (0, 1)), a_.astype(jnp.complex64), b_.astype(jnp.complex64))
-    return {"scan_assoc_ms": 1000 * out["assoc"], "scan_seq_ms": 1000 * out["seq"],
-            "scan_assoc_over_seq": out["assoc"] / out["seq"]}
+    return {"scan_assoc_ms": 1000 * out["assoc"], "scan_plain_assoc_ms": 1000 * out["plain"],
+            "scan_seq_ms": 1000 * out["seq"], "scan_assoc_over_seq": out["assoc"] / out["seq"]}
 
 
 def part_sampler(a):
@@ -160,7 +167,8 @@ PARTS = {"matmul": part_matmul, "train": part_train, "scan": part_scan, "sampler
 def run_part(name, **kw):
     argv = [sys.executable, os.path.abspath(__file__), "--part", name]
     for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", json.dumps(v) if isinstance(v, dict) else str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        argv += [flag] if v is True else [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
     print(f"... {name} {kw}", flush=True)
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode:
@@ -180,6 +188,7 @@ def main(argv=None):
     p.add_argument("--microbatch", type=int)
     p.add_argument("--seq-len", type=int, default=16000)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--before", action="store_true")  # part train: the step before the blocked scan
     a = p.parse_args(argv)
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
@@ -190,7 +199,8 @@ def main(argv=None):
     r.update(run_part("matmul"))
     base = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2)
     nopool = run_part("train", model=NO_POOLING, batch=1, seq_len=length, repeats=2)
-    r["train_baseline"], r["train_no_pooling"] = base, nopool
+    before = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2, before=True)
+    r["train_baseline"], r["train_no_pooling"], r["train_baseline_before"] = base, nopool, before
     r.update(run_part("scan", batch=1))
     r.update(run_part("sampler", model=BASELINE, batch=16, seq_len=320 if a.quick else 1600))
     r.update(run_part("data", data_dir=a.data_dir))
@@ -208,6 +218,7 @@ def main(argv=None):
         "matmul_peak_gflops": r.get("matmul_peak_gflops"),
         "pooling_speedup": nopool["ms_per_step"] / base["ms_per_step"] if base and nopool else None,
         "pooling_flop_ratio": nopool["model_gflops_per_step"] / base["model_gflops_per_step"] if base and nopool else None,
+        "speedup_over_first_landing": before["ms_per_step"] / base["ms_per_step"] if base and before else None,
         "scan_assoc_over_seq": r.get("scan_assoc_over_seq"),
         "sampler_over_forward": r.get("sampler_over_forward"),
         "peak_mem_gib": get(r.get("train_thesis_batch"), "peak_mem_gib") or get(base, "peak_mem_gib"),

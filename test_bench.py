@@ -1,0 +1,42 @@
+"""bench.py's FLOP count against the matmuls JAX actually traces."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import ClosedJaxpr, Jaxpr
+
+import bench
+import pf
+
+
+def traced_matmul_flops(jaxpr):
+    """2 x multiply-adds of every dot_general in a jaxpr, inner jaxprs included (a scan's body
+    counted once per iteration)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(sub, ClosedJaxpr):
+                    total += times * traced_matmul_flops(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    total += times * traced_matmul_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # the baseline
+    {"pooling": (), "layers": (36,)},  # the no-pooling model of the pooling speedup
+    {"pooling": (4, 2), "layers": (1, 2, 3), "d_model": 32, "d_rnn": 64, "groups": 4, "gated": False},
+    {"pooling": (2,), "layers": (1, 1), "d_model": 16, "d_rnn": 64, "complex_rnn": False, "placement": "after"},
+])
+def test_count_flops_equals_the_traced_matmuls_of_the_forward(changes):
+    cfg = pf.Config(**changes)
+    seq_len = 2 * cfg.total_pooling
+    params = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    jaxpr = jax.make_jaxpr(lambda p, x: pf.apply(p, x, cfg))(params, jnp.zeros((1, seq_len), jnp.int32))
+    assert bench.count_flops(cfg) * seq_len == traced_matmul_flops(jaxpr.jaxpr)
