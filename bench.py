@@ -10,6 +10,10 @@ rate; a training step is 3x the forward (forward + backward); the recomputation 
 ResBlocks and elementwise work (the scan, norms, activations) are not counted. test_bench.py checks
 the count against the matmuls JAX traces.
 
+mlp_block_mfu / temporal_block_mfu: one ResBlock of each kind alone (part `block`), its counted FLOPs
+per second over the matmul peak. The MLP block has nothing but matmuls, LayerNorm and GELU, so its figure
+is what XLA makes of the model's simplest piece: a ceiling for the step's mfu.
+
 speedup_over_first_landing times the same baseline step as first landed (`--part train --before`:
 the plain associative scan, chunk 1, and XLA's default CPU fusions) against the current one.
 """
@@ -30,21 +34,27 @@ BASELINE = {}  # pf.Config() defaults are the thesis baseline
 NO_POOLING = {"pooling": (), "layers": (36,)}  # thesis table 4.2: same 36 RG-LRU layers, no pooling
 
 
+def block_macs(cfg):
+    """Multiply-adds per token of one ResBlock of each kind, and of a level's two pooling convs."""
+    d, r = cfg.d_model, cfg.d_rnn
+    n = r // 2 if cfg.complex_rnn else r
+    gate = lambda width: d * width if cfg.gated else 0
+    return {"temporal": d * r + 2 * r * n // 32 + r * d + gate(d) + d * d,
+            "attention": d * d + 2 * d * (d // 4) + d * d + gate(d) + d * d,
+            "mlp": d * 2 * d + gate(2 * d) + 2 * d * d,
+            "pool": 2 * d * (d // cfg.n_groups)}  # down and up, per fine token
+
+
 def count_flops(cfg):
     """Forward FLOPs per input token (see the module docstring for what is counted)."""
-    d, r, v = cfg.d_model, cfg.d_rnn, cfg.vocab
-    n = r // 2 if cfg.complex_rnn else r
-    temporal = d * r + 2 * r * n // 32 + r * d + (d * d if cfg.gated else 0) + d * d
-    attention = d * d + 2 * d * (d // 4) + d * d + (d * d if cfg.gated else 0) + d * d
-    mlp = d * 2 * d + (d * 2 * d if cfg.gated else 0) + 2 * d * d
-    pool = 2 * d * (d // cfg.n_groups)  # down and up, per fine token
-    macs, rate = d * v, 1.0
+    m = block_macs(cfg)
+    macs, rate = cfg.d_model * cfg.vocab, 1.0
     for level, layers in enumerate(cfg.layers):
         deepest = level == len(cfg.pooling)
-        per_layer = (attention if deepest and cfg.deepest == "attention" else temporal) + mlp
+        per_layer = m["attention" if deepest and cfg.deepest == "attention" else "temporal"] + m["mlp"]
         macs += rate * (layers if deepest else 2 * layers) * per_layer
         if not deepest:
-            macs += rate * pool
+            macs += rate * m["pool"]
             rate /= cfg.pooling[level]
     return 2 * macs
 
@@ -53,11 +63,11 @@ def peak_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def timed(fn, *args, repeats=3):
+def timed(fn, *args, repeats=3, options=None):
     """(compile seconds, median seconds per call after compiling)."""
     import jax
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))
     times = []
@@ -112,6 +122,27 @@ def part_train(a):
             "params": pf.count_params(state["params"])}
 
 
+def part_block(a):
+    """One ResBlock of each kind alone, forward + backward as in training (remat, dropout), at the
+    full rate: its counted FLOPs per second. The MLP block (matmuls, LayerNorm, GELU, nothing else)
+    is the ceiling of the whole step's utilisation, which mixes it with the costlier temporal block."""
+    import jax
+    import jax.numpy as jnp
+    import pf
+    import train
+    cfg = pf.Config(**json.loads(a.model))
+    x = jax.random.normal(jax.random.key(0), (a.seq_len, a.batch, cfg.d_model))
+    out = {}
+    for kind, branch in (("mlp", pf.mlp_branch), ("temporal", pf.temporal_branch(cfg))):
+        p = pf.res_block_init(jax.random.key(1), cfg, "mlp" if kind == "mlp" else "rglru", 1.0)
+        block = jax.checkpoint(lambda p, x, branch=branch: pf.res_block(p, x, cfg, branch, jax.random.key(2))[0])
+        grad = jax.grad(lambda p, x: jnp.sum(block(p, x) ** 2), (0, 1))
+        _, s = timed(grad, p, x, repeats=5, options=train.compiler_options())
+        out[f"{kind}_block_ms"] = 1000 * s
+        out[f"{kind}_block_gflops_per_s"] = 3 * 2 * block_macs(cfg)[kind] * x.shape[0] * x.shape[1] / s / 1e9
+    return out
+
+
 def part_scan(a):
     import jax
     import jax.numpy as jnp
@@ -161,7 +192,7 @@ def part_data(a):
             "sc09_full_from_wavs_s": 38908 / (clips / wav_s), "sc09_full_from_cache_s": cached_s * 38908 / clips}
 
 
-PARTS = {"matmul": part_matmul, "train": part_train, "scan": part_scan, "sampler": part_sampler, "data": part_data}
+PARTS = {"matmul": part_matmul, "train": part_train, "block": part_block, "scan": part_scan, "sampler": part_sampler, "data": part_data}
 
 
 def run_part(name, **kw):
@@ -201,6 +232,7 @@ def main(argv=None):
     nopool = run_part("train", model=NO_POOLING, batch=1, seq_len=length, repeats=2)
     before = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2, before=True)
     r["train_baseline"], r["train_no_pooling"], r["train_baseline_before"] = base, nopool, before
+    r.update(run_part("block", model=BASELINE, batch=1, seq_len=length))
     r.update(run_part("scan", batch=1))
     r.update(run_part("sampler", model=BASELINE, batch=16, seq_len=320 if a.quick else 1600))
     r.update(run_part("data", data_dir=a.data_dir))
@@ -210,11 +242,14 @@ def main(argv=None):
         r["sample_16_clips_s"] = 16 * 16000 / r["sampler_tokens_per_s"] if "sampler_tokens_per_s" in r else None
 
     get = lambda d, k: d.get(k) if d else None
+    peak = r.get("matmul_peak_gflops")
     gflops = base.get("model_gflops_per_step", 0) / (base.get("ms_per_step", math.inf) / 1000) if base else None
     summary = {
         "train_tokens_per_s": get(base, "tokens_per_s"),
         "mfu": gflops / r["matmul_peak_gflops"] if gflops and r.get("matmul_peak_gflops") else None,
         "model_gflops_per_s": gflops,
+        "mlp_block_mfu": r["mlp_block_gflops_per_s"] / peak if "mlp_block_gflops_per_s" in r and peak else None,
+        "temporal_block_mfu": r["temporal_block_gflops_per_s"] / peak if "temporal_block_gflops_per_s" in r and peak else None,
         "matmul_peak_gflops": r.get("matmul_peak_gflops"),
         "pooling_speedup": nopool["ms_per_step"] / base["ms_per_step"] if base and nopool else None,
         "pooling_flop_ratio": nopool["model_gflops_per_step"] / base["model_gflops_per_step"] if base and nopool else None,

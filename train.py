@@ -1,6 +1,6 @@
 """Train a Poolformer with the thesis recipe (sec. 4.2-4.3) on one device or many.
 
-    python train.py                                  # the built-in digits, a CPU-sized model (~5 min)
+    python train.py                                  # the built-in digits, a CPU-sized model (~4 min)
     python train.py --dataset sc09 --out runs/sc09   # the thesis baseline (TPU/GPU scale)
     python train.py --dataset sc09 --out runs/sc09 --resume
 
@@ -65,8 +65,8 @@ PRESETS = {  # per dataset: (model changes, train changes); explicit flags overr
     "sc09": ({}, {"out": "runs/sc09"}),
     "beethoven": ({"pooling": (2, 4, 4, 5), "layers": (8, 4, 4, 4, 4), "d_rnn": 512}, {"out": "runs/beethoven"}),
     "youtubemix": ({"pooling": (2, 2, 4, 4), "layers": (8, 4, 4, 4, 4), "d_rnn": 512}, {"out": "runs/youtubemix"}),
-    # CPU-sized, the README's main job: ~5 minutes on 2 cores. No layers at the full 16 kHz rate (the
-    # RG-LRU's associative scan there dominates a CPU step); the first pooling is by 4.
+    # CPU-sized, the README's main job: ~4 minutes on 2 cores. No layers at the full 16 kHz rate (they
+    # would dominate a CPU step); the first pooling is by 4.
     "sc09-espeak": ({"pooling": (4, 4, 5), "layers": (0, 1, 1, 2), "d_model": 32, "d_rnn": 64, "dropout": 0.0},
                     {"out": "runs/digits", "batch_size": 4, "steps": 400, "warmup": 50, "log_every": 10,
                      "ckpt_every": 100, "eval_clips": 64, "ema": 0.98}),  # 0.999 would average ~1000 steps
