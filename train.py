@@ -101,8 +101,9 @@ def init_state(cfg, tc):
 def compiler_options():
     """XLA:CPU in jax 0.10 hands reductions to YNNPACK, which sums the (S, 1, D) -> D bias gradients
     of a batch-1 step ~10x slower than XLA's own loops (jax-ml/jax#37465; the workaround named there is
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce). Keep YNNPACK for the matmuls only:
-    the baseline's step at 16,000 samples was 8% faster (bench.py). Other backends: no options."""
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce; same compiled HLO). Keep YNNPACK for
+    the matmuls only: ~8% off the baseline's step at 16,000 samples (alternating runs of the step with
+    and without). Other backends: no options."""
     if jax.default_backend() != "cpu":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
