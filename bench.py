@@ -15,8 +15,10 @@ per second over the matmul peak. The MLP block has nothing but matmuls, LayerNor
 is what XLA makes of the model's simplest piece over a whole sequence: at 16,000 tokens its arrays
 outgrow the cache (at --quick's 3,200 it is ~1.7x higher).
 
-speedup_over_first_landing times the same baseline step as first landed (`--part train --before`:
-the plain associative scan, chunk 1, and XLA's default CPU fusions) against the current one.
+speedup_over_fixes_off times the same baseline step with this project's CPU fixes switched off
+(`--part train --before`: pf.SCAN_CHUNK = 1, i.e. the plain associative scan in time order, and XLA's
+default CPU fusions) against the current one. The first landing was slower still: it also drew each
+dropout mask inside the remat (twice per step).
 """
 import argparse
 import json
@@ -98,7 +100,7 @@ def part_train(a):
     from jax.sharding import Mesh
     cfg = pf.Config(**json.loads(a.model))
     tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
-    if a.before:  # the step as first landed: the plain associative scan, XLA's default CPU fusions
+    if a.before:  # fixes off: the plain associative scan in time order, XLA's default CPU fusions
         pf.SCAN_CHUNK, train.compiler_options = 1, lambda: None
     mesh = Mesh(np.array(jax.devices()), ("data",))
     state = jax.jit(lambda: train.init_state(cfg, tc))()
@@ -124,19 +126,21 @@ def part_train(a):
 
 
 def part_block(a):
-    """One ResBlock of each kind alone, forward + backward as in training (remat, dropout), at the
-    full rate: its counted FLOPs per second. The MLP block is matmuls, LayerNorm, GELU and dropout
-    only; the step mixes it with the costlier temporal block."""
+    """One ResBlock of each kind alone, forward + backward as in pf.layer_stack (remat, a dropout
+    mask drawn outside it, chunk-major order), at the full rate: its counted FLOPs per second. The
+    MLP block is matmuls, LayerNorm, GELU and dropout only; the step mixes it with the costlier
+    temporal block."""
     import jax
     import jax.numpy as jnp
     import pf
     import train
     cfg = pf.Config(**json.loads(a.model))
     x = jax.random.normal(jax.random.key(0), (a.seq_len, a.batch, cfg.d_model))
+    keep = pf.dropout_mask(jax.random.key(2), cfg.dropout, x.shape)
     out = {}
-    for kind, branch in (("mlp", pf.mlp_branch), ("temporal", pf.temporal_branch(cfg))):
+    for kind, branch in (("mlp", pf.mlp_branch), ("temporal", pf.temporal_branch(cfg, pf.scan_chunk(a.seq_len)))):
         p = pf.res_block_init(jax.random.key(1), cfg, "mlp" if kind == "mlp" else "rglru", 1.0)
-        block = jax.checkpoint(lambda p, x, branch=branch: pf.res_block(p, x, cfg, branch, jax.random.key(2))[0])
+        block = jax.checkpoint(lambda p, x, branch=branch: pf.res_block(p, x, cfg, branch, keep)[0])
         grad = jax.grad(lambda p, x: jnp.sum(block(p, x) ** 2), (0, 1))
         _, s = timed(grad, p, x, repeats=5, options=train.compiler_options())
         out[f"{kind}_block_ms"] = 1000 * s
@@ -220,7 +224,7 @@ def main(argv=None):
     p.add_argument("--microbatch", type=int)
     p.add_argument("--seq-len", type=int, default=16000)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--before", action="store_true")  # part train: the step before the blocked scan
+    p.add_argument("--before", action="store_true")  # part train: CPU fixes off (see the docstring)
     a = p.parse_args(argv)
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
@@ -232,7 +236,7 @@ def main(argv=None):
     base = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2)
     nopool = run_part("train", model=NO_POOLING, batch=1, seq_len=length, repeats=2)
     before = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2, before=True)
-    r["train_baseline"], r["train_no_pooling"], r["train_baseline_before"] = base, nopool, before
+    r["train_baseline"], r["train_no_pooling"], r["train_baseline_fixes_off"] = base, nopool, before
     r.update(run_part("block", model=BASELINE, batch=1, seq_len=length))
     r.update(run_part("scan", batch=1))
     r.update(run_part("sampler", model=BASELINE, batch=16, seq_len=320 if a.quick else 1600))
@@ -255,7 +259,7 @@ def main(argv=None):
         "matmul_peak_gflops": peak,
         "pooling_speedup": nopool["ms_per_step"] / base["ms_per_step"] if base and nopool else None,
         "pooling_flop_ratio": nopool["model_gflops_per_step"] / base["model_gflops_per_step"] if base and nopool else None,
-        "speedup_over_first_landing": before["ms_per_step"] / base["ms_per_step"] if base and before else None,
+        "speedup_over_fixes_off": before["ms_per_step"] / base["ms_per_step"] if base and before else None,
         "scan_assoc_over_seq": r.get("scan_assoc_over_seq"),
         "sampler_over_forward": r.get("sampler_over_forward"),
         "peak_mem_gib": get(r.get("train_thesis_batch"), "peak_mem_gib") or get(base, "peak_mem_gib"),

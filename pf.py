@@ -26,7 +26,7 @@ SILENCE = 128  # token of x = 0 under both 8-bit encodings; the input at positio
 C = 8.0  # RG-LRU: log a_t = C r_t log sigmoid(Lambda) + ... (Griffin fixes c = 8)
 GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R = 256)
 HEADS = 4  # multi-query attention heads (deepest-level ablation)
-SCAN_CHUNK = 64  # scan_associative: steps per chunk (flat from 16 to 250 on this CPU)
+SCAN_CHUNK = 64  # scan_blocked: steps per chunk, at most (flat from 16 to 250 on this CPU)
 SQRT_MAX_GRAD = 200.0  # bound on d sqrt(x)/dx near x = 0 (the author's value)
 NORM_EPS = 1e-6
 RINGS = {  # ring: (|a| min, |a| max, phase max); |a| ~ sqrt(U[min^2, max^2]), phase ~ U[0, max]
@@ -124,34 +124,38 @@ def scan_op(e1, e2):
     return a2 * a1, a2 * b1 + b2
 
 
-def scan_associative(a, b, h0=None, chunk=None):
-    """h_t = a_t h_(t-1) + b_t along axis 0, h_(-1) = h0 (or 0). a, b: (S, ...). Training path.
+def scan_blocked(a, b):
+    """h = the recurrence over chunk-major a, b (K, n, ...): element [j, c] is step c K + j.
 
-    A two-level (blocked) parallel scan with the one operator scan_op: split S into chunks of
-    `chunk` steps (SCAN_CHUNK by default); compose the maps within every chunk, all chunks at once
-    (chunk steps); `jax.lax.associative_scan` over the chunk totals gives the state entering each
-    chunk (log2(S / chunk) depth); each chunk then applies it. Work O(S), depth chunk + log2(S/chunk).
-    chunk=1 is the plain associative scan over S. Why two levels: on a CPU the plain one is memory
-    bound on its log2(S) strided passes (`python bench.py` times both, alone and in the training step).
+    A two-level (blocked) parallel scan with the one operator scan_op: compose the maps within
+    every chunk of K steps, all n chunks at once (K steps of lax.scan); `jax.lax.associative_scan`
+    over the chunk totals gives the state entering each chunk (log2(n) depth); each chunk then
+    applies it. Work O(S), depth K + log2(n). K = 1 is the plain associative scan. Why two levels: on
+    a CPU the plain one is memory bound on its log2(S) strided passes (`python bench.py --part scan`).
     """
-    if h0 is not None:
-        b = b.at[0].add(a[0] * h0)
-    s = a.shape[0]
-    k = min(chunk or SCAN_CHUNK, s)
-    pad = [(0, -s % k)] + [(0, 0)] * (a.ndim - 1)  # pad with the identity map (1, 0)
-    a, b = (rearrange(jnp.pad(v, pad, constant_values=c), "(n k) ... -> k n ...", k=k)
-            for v, c in ((a, 1), (b, 0)))
-
     def compose(e, e_k):
         e = scan_op(e, e_k)
         return e, e
 
     identity = (jnp.ones_like(a[0]), jnp.zeros_like(b[0]))
-    a_in, b_in = jax.lax.scan(compose, identity, (a, b))[1]  # (k, n, ...): steps 0..j of each chunk
-    h_end = jax.lax.associative_scan(scan_op, (a_in[-1], b_in[-1]), axis=0)[1]  # state after chunk n
-    h_start = jnp.concatenate([jnp.zeros_like(h_end[:1]), h_end[:-1]])  # state entering chunk n
-    h = a_in * h_start + b_in
-    return rearrange(h, "k n ... -> (n k) ...")[:s]
+    a_in, b_in = jax.lax.scan(compose, identity, (a, b))[1]  # (K, n, ...): steps 0..j of each chunk
+    h_end = jax.lax.associative_scan(scan_op, (a_in[-1], b_in[-1]), axis=0)[1]  # state after chunk c
+    h_start = jnp.concatenate([jnp.zeros_like(h_end[:1]), h_end[:-1]])  # state entering chunk c
+    return a_in * h_start + b_in
+
+
+def scan_associative(a, b, h0=None, chunk=None):
+    """h_t = a_t h_(t-1) + b_t along axis 0, h_(-1) = h0 (or 0). a, b: (S, ...) in time order.
+    scan_blocked over chunks of `chunk` steps (SCAN_CHUNK by default), the sequence padded with the
+    identity map (1, 0) to a whole number of chunks."""
+    if h0 is not None:
+        b = b.at[0].add(a[0] * h0)
+    s = a.shape[0]
+    k = min(chunk or SCAN_CHUNK, s)
+    pad = [(0, -s % k)] + [(0, 0)] * (a.ndim - 1)
+    a, b = (rearrange(jnp.pad(v, pad, constant_values=c), "(n k) ... -> k n ...", k=k)
+            for v, c in ((a, 1), (b, 0)))
+    return rearrange(scan_blocked(a, b), "k n ... -> (n k) ...")[:s]
 
 
 def scan_sequential(a, b, h0=None):
@@ -215,12 +219,13 @@ def norm(p, x, kind):
     return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS) * p["scale"]
 
 
-def dropout(x, rate, key):
-    """Inverted dropout; key None means evaluation (identity)."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+def dropout_mask(key, rate, shape):
+    """Inverted dropout's keep mask; None (no dropout) when key is None (evaluation) or rate is 0."""
+    return None if key is None or rate == 0.0 else jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def dropout(x, rate, keep):
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 def embedding_init(key, cfg):
@@ -293,10 +298,14 @@ def rnn_output(h):
     return jnp.concatenate([h.real, h.imag], -1) if jnp.iscomplexobj(h) else h
 
 
-def rglru(p, x, complex_rnn):
-    """x (S, B, R) -> (S, B, R), parallel over S with the associative scan."""
+def rglru(p, x, complex_rnn, k=None):
+    """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan. k None: x is in
+    time order. k = K: x is in layer_stack's chunk-major order (row j S/K + c is step c K + j)."""
     a, b = rglru_coefficients(p, x, complex_rnn)
-    return rnn_output(scan_associative(a, b))
+    if k is None:
+        return rnn_output(scan_associative(a, b))
+    h = scan_blocked(*(rearrange(v, "(k c) ... -> k c ...", k=k) for v in (a, b)))
+    return rnn_output(rearrange(h, "k c ... -> (k c) ..."))
 
 
 def rglru_step(p, h, x, complex_rnn):
@@ -400,23 +409,25 @@ def res_block_init(key, cfg, kind, scale):
     return p
 
 
-def res_block(p, x, cfg, branch, key=None):
-    """branch(params, y) -> (z, aux): the block's temporal or channel mixing; returns (x + ..., aux)."""
+def res_block(p, x, cfg, branch, keep=None):
+    """branch(params, y) -> (z, aux): the block's temporal or channel mixing; returns (x + ..., aux).
+    keep: the dropout mask (None: no dropout)."""
     y = norm(p["norm"], x, cfg.norm)
     z, aux = branch(p["branch"], y)
     z = z * jax.nn.gelu(dense(p["gate"], y)) if cfg.gated else jax.nn.gelu(z)
-    return x + dropout(dense(p["out"], z), cfg.dropout, key), aux
+    return x + dropout(dense(p["out"], z), cfg.dropout, keep), aux
 
 
 def mlp_branch(p, y):
     return dense(p["dense"], y), None
 
 
-def temporal_branch(cfg):
+def temporal_branch(cfg, k=None):
+    """The temporal ResBlock's branch; k: the chunk-major layout of layer_stack (see rglru)."""
     def branch(p, y):
         if "attention" in p:
             return attention(p["attention"], y), None
-        return dense(p["dense_out"], rglru(p["rglru"], dense(p["dense_in"], y), cfg.complex_rnn)), None
+        return dense(p["dense_out"], rglru(p["rglru"], dense(p["dense_in"], y), cfg.complex_rnn, k)), None
     return branch
 
 
@@ -433,22 +444,36 @@ def layer_stack_init(key, cfg, n, scale, attention=False):
     return jax.vmap(one)(jax.random.split(key, n))
 
 
+def scan_chunk(s):
+    """K of layer_stack's chunk-major layout: the largest divisor of S up to SCAN_CHUNK (1 for a
+    prime S: the plain associative scan)."""
+    return max(d for d in range(1, min(s, SCAN_CHUNK) + 1) if s % d == 0)
+
+
 def layer_stack(p, x, cfg, key=None):
-    """Apply the stacked Layers in order (a scan over L). Each ResBlock is rematerialised in the
-    backward pass: it stores only its input, which keeps a 16,000-step activation stack small."""
+    """Apply the stacked Layers in order (a scan over L).
+
+    Layout: the stack runs on the sequence in chunk-major order, "(c k) -> (k c)" with K the largest
+    divisor of S up to SCAN_CHUNK, so every RG-LRU's scan_blocked reads its (K, S/K) chunks without a
+    transpose; every other op in a Layer is per token and indifferent to the order.
+    Memory: each ResBlock is rematerialised in the backward pass; it stores only its input and its
+    dropout mask, drawn outside the remat so the random bits are made once per step, not twice.
+    """
     if p is None:
         return x
-    temporal = jax.checkpoint(lambda q, x, k: res_block(q, x, cfg, temporal_branch(cfg), k)[0])
-    mlp = jax.checkpoint(lambda q, x, k: res_block(q, x, cfg, mlp_branch, k)[0])
+    k = 1 if "attention" in p["temporal"]["branch"] else scan_chunk(x.shape[0])
+    temporal = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, temporal_branch(cfg, k), keep)[0])
+    mlp = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, mlp_branch, keep)[0])
 
     def body(x, pk):
-        q, k = pk
-        kt, km = (None, None) if k is None else jax.random.split(k)
-        return mlp(q["mlp"], temporal(q["temporal"], x, kt), km), None
+        q, key = pk
+        keep_t, keep_m = (dropout_mask(kd, cfg.dropout, x.shape) for kd in split_key(key, 2))
+        return mlp(q["mlp"], temporal(q["temporal"], x, keep_t), keep_m), None
 
-    n = jax.tree.leaves(p)[0].shape[0]
-    keys = None if key is None else jax.random.split(key, n)
-    return jax.lax.scan(body, x, (p, keys))[0]
+    layers = jax.tree.leaves(p)[0].shape[0]
+    x = rearrange(x, "(c k) b d -> (k c) b d", k=k)
+    x = jax.lax.scan(body, x, (p, None if key is None else jax.random.split(key, layers)))[0]
+    return rearrange(x, "(k c) b d -> (c k) b d", k=k)
 
 
 def split_key(key, n):

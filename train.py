@@ -133,7 +133,7 @@ def make_train_step(cfg, tc, mesh):
         (total, count, grads), _ = jax.lax.scan(accumulate, zeros, jnp.arange(n_micro))
         count = jnp.maximum(count, 1.0)
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: tc.ema * e + (1 - tc.ema) * p, state["ema"], params)
