@@ -16,8 +16,8 @@ is what XLA makes of the model's simplest piece over a whole sequence: at 16,000
 outgrow the cache (at --quick's 3,200 it is ~1.7x higher).
 
 speedup_over_fixes_off times the same baseline step with this project's CPU fixes switched off
-(`--part train --before`: pf.SCAN_CHUNK = 1, i.e. the plain associative scan in time order, and XLA's
-default CPU fusions) against the current one. The first landing was slower still: it also drew each
+(`--part train --before`: pf.SCAN_CHUNK = 1, i.e. the plain associative scan, and XLA's default
+CPU fusions) against the current one. The first landing was slower still: it also drew each
 dropout mask inside the remat (twice per step).
 """
 import argparse
@@ -100,7 +100,7 @@ def part_train(a):
     from jax.sharding import Mesh
     cfg = pf.Config(**json.loads(a.model))
     tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
-    if a.before:  # fixes off: the plain associative scan in time order, XLA's default CPU fusions
+    if a.before:  # fixes off: the plain associative scan, XLA's default CPU fusions
         pf.SCAN_CHUNK, train.compiler_options = 1, lambda: None
     mesh = Mesh(np.array(jax.devices()), ("data",))
     state = jax.jit(lambda: train.init_state(cfg, tc))()
@@ -127,7 +127,7 @@ def part_train(a):
 
 def part_block(a):
     """One ResBlock of each kind alone, forward + backward as in pf.layer_stack (remat, a dropout
-    mask drawn outside it, chunk-major order), at the full rate: its counted FLOPs per second. The
+    mask drawn outside it), at the full rate: its counted FLOPs per second. The
     MLP block is matmuls, LayerNorm, GELU and dropout only; the step mixes it with the costlier
     temporal block."""
     import jax
@@ -138,7 +138,7 @@ def part_block(a):
     x = jax.random.normal(jax.random.key(0), (a.seq_len, a.batch, cfg.d_model))
     keep = pf.dropout_mask(jax.random.key(2), cfg.dropout, x.shape)
     out = {}
-    for kind, branch in (("mlp", pf.mlp_branch), ("temporal", pf.temporal_branch(cfg, pf.scan_chunk(a.seq_len)))):
+    for kind, branch in (("mlp", pf.mlp_branch), ("temporal", pf.temporal_branch(cfg))):
         p = pf.res_block_init(jax.random.key(1), cfg, "mlp" if kind == "mlp" else "rglru", 1.0)
         block = jax.checkpoint(lambda p, x, branch=branch: pf.res_block(p, x, cfg, branch, keep)[0])
         grad = jax.grad(lambda p, x: jnp.sum(block(p, x) ** 2), (0, 1))

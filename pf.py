@@ -298,14 +298,10 @@ def rnn_output(h):
     return jnp.concatenate([h.real, h.imag], -1) if jnp.iscomplexobj(h) else h
 
 
-def rglru(p, x, complex_rnn, k=None):
-    """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan. k None: x is in
-    time order. k = K: x is in layer_stack's chunk-major order (row j S/K + c is step c K + j)."""
+def rglru(p, x, complex_rnn):
+    """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan."""
     a, b = rglru_coefficients(p, x, complex_rnn)
-    if k is None:
-        return rnn_output(scan_associative(a, b))
-    h = scan_blocked(*(rearrange(v, "(k c) ... -> k c ...", k=k) for v in (a, b)))
-    return rnn_output(rearrange(h, "k c ... -> (k c) ..."))
+    return rnn_output(scan_associative(a, b))
 
 
 def rglru_step(p, h, x, complex_rnn):
@@ -422,12 +418,11 @@ def mlp_branch(p, y):
     return dense(p["dense"], y), None
 
 
-def temporal_branch(cfg, k=None):
-    """The temporal ResBlock's branch; k: the chunk-major layout of layer_stack (see rglru)."""
+def temporal_branch(cfg):
     def branch(p, y):
         if "attention" in p:
             return attention(p["attention"], y), None
-        return dense(p["dense_out"], rglru(p["rglru"], dense(p["dense_in"], y), cfg.complex_rnn, k)), None
+        return dense(p["dense_out"], rglru(p["rglru"], dense(p["dense_in"], y), cfg.complex_rnn)), None
     return branch
 
 
@@ -444,25 +439,13 @@ def layer_stack_init(key, cfg, n, scale, attention=False):
     return jax.vmap(one)(jax.random.split(key, n))
 
 
-def scan_chunk(s):
-    """K of layer_stack's chunk-major layout: the largest divisor of S up to SCAN_CHUNK (1 for a
-    prime S: the plain associative scan)."""
-    return max(d for d in range(1, min(s, SCAN_CHUNK) + 1) if s % d == 0)
-
-
 def layer_stack(p, x, cfg, key=None):
-    """Apply the stacked Layers in order (a scan over L).
-
-    Layout: the stack runs on the sequence in chunk-major order, "(c k) -> (k c)" with K the largest
-    divisor of S up to SCAN_CHUNK, so every RG-LRU's scan_blocked reads its (K, S/K) chunks without a
-    transpose; every other op in a Layer is per token and indifferent to the order.
-    Memory: each ResBlock is rematerialised in the backward pass; it stores only its input and its
-    dropout mask, drawn outside the remat so the random bits are made once per step, not twice.
-    """
+    """Apply the stacked Layers in order (a scan over L). Each ResBlock is rematerialised in the
+    backward pass: it stores only its input and its dropout mask, drawn outside the remat so the
+    random bits are made once per step, not twice."""
     if p is None:
         return x
-    k = 1 if "attention" in p["temporal"]["branch"] else scan_chunk(x.shape[0])
-    temporal = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, temporal_branch(cfg, k), keep)[0])
+    temporal = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, temporal_branch(cfg), keep)[0])
     mlp = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, mlp_branch, keep)[0])
 
     def body(x, pk):
@@ -471,9 +454,7 @@ def layer_stack(p, x, cfg, key=None):
         return mlp(q["mlp"], temporal(q["temporal"], x, keep_t), keep_m), None
 
     layers = jax.tree.leaves(p)[0].shape[0]
-    x = rearrange(x, "(c k) b d -> (k c) b d", k=k)
-    x = jax.lax.scan(body, x, (p, None if key is None else jax.random.split(key, layers)))[0]
-    return rearrange(x, "(k c) b d -> (c k) b d", k=k)
+    return jax.lax.scan(body, x, (p, None if key is None else jax.random.split(key, layers)))[0]
 
 
 def split_key(key, n):

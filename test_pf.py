@@ -257,23 +257,6 @@ def test_step_by_step_equals_parallel_forward(changes):
     assert int(state["pos"]) == 36
 
 
-def test_chunk_major_layout_changes_nothing(monkeypatch):
-    """layer_stack reorders each level's sequence chunk-major, K = the largest divisor of S up to
-    SCAN_CHUNK. S = 60 with pooling (2, 5): SCAN_CHUNK 4 gives K = 4, 3, 3 at the three levels
-    (60, 30, 6 steps); SCAN_CHUNK 1 is time order (which the step-by-step test checks). Loss and
-    gradients must not depend on the layout."""
-    cfg = pf.Config(pooling=(2, 5), layers=(1, 1, 1), scale=0.5, **SMALL)
-    params = init(jax.random.key(0), cfg)
-    x = random_tokens(4, 2, 60)
-    out = {}
-    for chunk in (1, 4):
-        monkeypatch.setattr(pf, "SCAN_CHUNK", chunk)
-        assert [pf.scan_chunk(s) for s in (60, 30, 6)] == {1: [1] * 3, 4: [4, 3, 3]}[chunk]
-        out[chunk] = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.sin(pf.apply(p, x, cfg)))))(params)
-    for g, g1 in zip(jax.tree.leaves(out[4]), jax.tree.leaves(out[1])):
-        assert_close(g, g1, 1e-5 * max(1.0, float(jnp.max(jnp.abs(g1)))), "chunk-major vs time order")
-
-
 def test_dropout_mask_keeps_one_minus_rate_and_rescales():
     keep = pf.dropout_mask(jax.random.key(0), 0.2, (1000, 2, 100))
     assert abs(float(keep.mean()) - 0.8) < 0.005  # 200,000 draws: 5 standard deviations is 0.0045
