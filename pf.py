@@ -26,7 +26,7 @@ SILENCE = 128  # token of x = 0 under both 8-bit encodings; the input at positio
 C = 8.0  # RG-LRU: log a_t = C r_t log sigmoid(Lambda) + ... (Griffin fixes c = 8)
 GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R = 256)
 HEADS = 4  # multi-query attention heads (deepest-level ablation)
-SCAN_CHUNK = 64  # scan_blocked: steps per chunk, at most (flat from 16 to 250 on this CPU)
+SCAN_CHUNK = 64  # scan_associative: steps per chunk (flat from 16 to 250 on this CPU)
 SQRT_MAX_GRAD = 200.0  # bound on d sqrt(x)/dx near x = 0 (the author's value)
 NORM_EPS = 1e-6
 RINGS = {  # ring: (|a| min, |a| max, phase max); |a| ~ sqrt(U[min^2, max^2]), phase ~ U[0, max]
@@ -124,38 +124,34 @@ def scan_op(e1, e2):
     return a2 * a1, a2 * b1 + b2
 
 
-def scan_blocked(a, b):
-    """h = the recurrence over chunk-major a, b (K, n, ...): element [j, c] is step c K + j.
+def scan_associative(a, b, h0=None, chunk=None):
+    """h_t = a_t h_(t-1) + b_t along axis 0, h_(-1) = h0 (or 0). a, b: (S, ...). Training path.
 
-    A two-level (blocked) parallel scan with the one operator scan_op: compose the maps within
-    every chunk of K steps, all n chunks at once (K steps of lax.scan); `jax.lax.associative_scan`
-    over the chunk totals gives the state entering each chunk (log2(n) depth); each chunk then
-    applies it. Work O(S), depth K + log2(n). K = 1 is the plain associative scan. Why two levels: on
-    a CPU the plain one is memory bound on its log2(S) strided passes (`python bench.py --part scan`).
+    A two-level (blocked) parallel scan with the one operator scan_op: split S into chunks of
+    `chunk` steps (SCAN_CHUNK by default); compose the maps within every chunk, all chunks at once
+    (chunk steps); `jax.lax.associative_scan` over the chunk totals gives the state entering each
+    chunk (log2(S / chunk) depth); each chunk then applies it. Work O(S), depth chunk + log2(S/chunk).
+    chunk=1 is the plain associative scan over S. Why two levels: on a CPU the plain one is memory
+    bound on its log2(S) strided passes (`python bench.py` times both, alone and in the training step).
     """
+    if h0 is not None:
+        b = b.at[0].add(a[0] * h0)
+    s = a.shape[0]
+    k = min(chunk or SCAN_CHUNK, s)
+    pad = [(0, -s % k)] + [(0, 0)] * (a.ndim - 1)  # pad with the identity map (1, 0)
+    a, b = (rearrange(jnp.pad(v, pad, constant_values=c), "(n k) ... -> k n ...", k=k)
+            for v, c in ((a, 1), (b, 0)))
+
     def compose(e, e_k):
         e = scan_op(e, e_k)
         return e, e
 
     identity = (jnp.ones_like(a[0]), jnp.zeros_like(b[0]))
-    a_in, b_in = jax.lax.scan(compose, identity, (a, b))[1]  # (K, n, ...): steps 0..j of each chunk
-    h_end = jax.lax.associative_scan(scan_op, (a_in[-1], b_in[-1]), axis=0)[1]  # state after chunk c
-    h_start = jnp.concatenate([jnp.zeros_like(h_end[:1]), h_end[:-1]])  # state entering chunk c
-    return a_in * h_start + b_in
-
-
-def scan_associative(a, b, h0=None, chunk=None):
-    """h_t = a_t h_(t-1) + b_t along axis 0, h_(-1) = h0 (or 0). a, b: (S, ...) in time order.
-    scan_blocked over chunks of `chunk` steps (SCAN_CHUNK by default), the sequence padded with the
-    identity map (1, 0) to a whole number of chunks."""
-    if h0 is not None:
-        b = b.at[0].add(a[0] * h0)
-    s = a.shape[0]
-    k = min(chunk or SCAN_CHUNK, s)
-    pad = [(0, -s % k)] + [(0, 0)] * (a.ndim - 1)
-    a, b = (rearrange(jnp.pad(v, pad, constant_values=c), "(n k) ... -> k n ...", k=k)
-            for v, c in ((a, 1), (b, 0)))
-    return rearrange(scan_blocked(a, b), "k n ... -> (n k) ...")[:s]
+    a_in, b_in = jax.lax.scan(compose, identity, (a, b))[1]  # (k, n, ...): steps 0..j of each chunk
+    h_end = jax.lax.associative_scan(scan_op, (a_in[-1], b_in[-1]), axis=0)[1]  # state after chunk n
+    h_start = jnp.concatenate([jnp.zeros_like(h_end[:1]), h_end[:-1]])  # state entering chunk n
+    h = a_in * h_start + b_in
+    return rearrange(h, "k n ... -> (n k) ...")[:s]
 
 
 def scan_sequential(a, b, h0=None):
