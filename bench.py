@@ -8,19 +8,29 @@ Prints a table and writes bench.json. Model FLOPs are counted from the architect
 2 x multiply-adds of every dense, gate and pooling matmul and the head, per token at each level's
 rate; a training step is 3x the forward (forward + backward); the recomputation of rematerialised
 ResBlocks and elementwise work (the scan, norms, activations) are not counted. test_bench.py checks
-the count against the matmuls JAX traces.
+the count against the matmuls JAX traces. MFU = counted FLOPs per second / the matmul peak (part
+`matmul`, a 2048^3 float32 matmul).
+
+The training steps behind the ratios (VARIANTS) are compiled in one process and timed in alternation,
+5 rounds, medians (a slow spell of this shared machine hits them alike):
+- no_pooling: the thesis' no-pooling model (pooling [], layers [36]); pooling_speedup = its step time
+  over the baseline's.
+- fixes_off: the baseline with this project's CPU fixes switched off (pf.SCAN_CHUNK = 1, i.e. the plain
+  associative scan, and XLA's default CPU fusions); speedup_over_fixes_off. The first landing was
+  slower still: it also drew each dropout mask inside the remat (twice per step).
+- matmul_only: the ceiling. The baseline step with nothing but its matmuls (strip_to_matmuls: the same
+  matmul shapes, remat and layer scans; norms, GELU, dropout and the RG-LRU's decay and scan removed).
+  The model cannot run faster than its matmuls alone, so matmul_only_mfu bounds mfu for any elementwise
+  code, however good, short of changing how XLA runs the matmuls.
 
 mlp_block_mfu / temporal_block_mfu: one ResBlock of each kind alone (part `block`), its counted FLOPs
 per second over the matmul peak. The MLP block has nothing but matmuls, LayerNorm and GELU, so its figure
 is what XLA makes of the model's simplest piece over a whole sequence: at 16,000 tokens its arrays
 outgrow the cache (at --quick's 3,200 it is ~1.7x higher).
-
-speedup_over_fixes_off times the same baseline step with this project's CPU fixes switched off
-(`--part train --before`: pf.SCAN_CHUNK = 1, i.e. the plain associative scan, and XLA's default
-CPU fusions) against the current one. The first landing was slower still: it also drew each
-dropout mask inside the remat (twice per step).
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +45,8 @@ import numpy as np
 
 BASELINE = {}  # pf.Config() defaults are the thesis baseline
 NO_POOLING = {"pooling": (), "layers": (36,)}  # thesis table 4.2: same 36 RG-LRU layers, no pooling
+VARIANTS = {"baseline": {}, "no_pooling": {"model": NO_POOLING}, "fixes_off": {"before": True},
+            "matmul_only": {"matmul_only": True}}  # the training steps timed side by side (part_train)
 
 
 def block_macs(cfg):
@@ -93,36 +105,83 @@ def part_matmul(a):
     return {"matmul_peak_gflops": 2 * n**3 / s / 1e9}
 
 
+def strip_to_matmuls(pf, cfg, set_attr=setattr):
+    """The matmul-only ceiling: patch pf so the model keeps every matmul (dense, block-diagonal gate,
+    pooling, head: the same shapes, remat and layer scans) and nothing else. Norms and GELU become
+    identities, the RG-LRU returns its two gates' matmuls in place of the decay and the scan, and
+    dropout is off. Its loss is meaningless (it overflows); its time is what XLA takes for the matmuls
+    and the layout work they need. Returns the config to run."""
+    import jax
+    import jax.numpy as jnp
+
+    def rglru(p, x, complex_rnn):
+        r, i = pf.block_diagonal(p["gate_a"], x), pf.block_diagonal(p["gate_x"], x)
+        return jnp.concatenate([r, i], -1) if complex_rnn else r + i  # (S, B, R) like the real output
+
+    set_attr(pf, "norm", lambda p, x, kind: x)
+    set_attr(pf, "rglru", rglru)
+    set_attr(jax.nn, "gelu", lambda x: x)  # pf calls jax.nn.gelu; this process only runs this part
+    return dataclasses.replace(cfg, dropout=0.0)
+
+
+@contextlib.contextmanager
+def patches():
+    """set_attr(obj, name, value) inside the block; every attribute is restored on leaving it."""
+    undo = []
+
+    def set_attr(obj, name, value):
+        undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+    try:
+        yield set_attr
+    finally:
+        for obj, name, value in reversed(undo):
+            setattr(obj, name, value)
+
+
 def part_train(a):
+    """Training steps (batch a.batch x a.seq_len), one per variant in a.variants, each compiled under
+    its own patches, then timed in alternation (round r times every variant once), so slow spells
+    of this shared machine hit them alike and their ratios hold. Variant keys: model (Config
+    changes), before (CPU fixes off), matmul_only (strip_to_matmuls)."""
     import jax
     import pf
     import train
     from jax.sharding import Mesh
-    cfg = pf.Config(**json.loads(a.model))
-    tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
-    if a.before:  # fixes off: the plain associative scan, XLA's default CPU fusions
-        pf.SCAN_CHUNK, train.compiler_options = 1, lambda: None
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    state = jax.jit(lambda: train.init_state(cfg, tc))()
+    tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
     tokens = np.random.default_rng(0).integers(0, 256, (a.batch, a.seq_len), dtype=np.uint8)
     mask = np.ones_like(tokens, bool)
-    step = train.make_train_step(cfg, tc, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, tokens, mask).compile()
-    compile_s = time.perf_counter() - start
-    state, m = compiled(state, tokens, mask)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(a.repeats):
-        start = time.perf_counter()
+    runs = []
+    for v in json.loads(a.variants):
+        cfg = pf.Config(**v.get("model", {}))
+        with patches() as set_attr:
+            if v.get("before"):  # fixes off: the plain associative scan, XLA's default CPU fusions
+                set_attr(pf, "SCAN_CHUNK", 1)
+                set_attr(train, "compiler_options", lambda: None)
+            if v.get("matmul_only"):
+                cfg = strip_to_matmuls(pf, cfg, set_attr)
+            state = jax.jit(lambda: train.init_state(cfg, tc))()
+            start = time.perf_counter()
+            compiled = train.make_train_step(cfg, tc, mesh).lower(state, tokens, mask).compile()
+            compile_s = time.perf_counter() - start
         state, m = compiled(state, tokens, mask)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - start)
-    s = float(np.median(times))
-    n_tokens = a.batch * a.seq_len
-    return {"ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s, "compile_s": compile_s,
-            "model_gflops_per_step": 3 * count_flops(cfg) * n_tokens / 1e9, "peak_mem_gib": peak_gib(),
-            "params": pf.count_params(state["params"])}
+        runs.append({"cfg": cfg, "step": compiled, "state": state, "compile_s": compile_s, "times": []})
+    for _ in range(a.repeats):
+        for run in runs:
+            start = time.perf_counter()
+            run["state"], m = run["step"](run["state"], tokens, mask)
+            jax.block_until_ready(m)
+            run["times"].append(time.perf_counter() - start)
+    n_tokens, out = a.batch * a.seq_len, []
+    for run in runs:
+        s = float(np.median(run["times"]))
+        out.append({"ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s, "compile_s": run["compile_s"],
+                    "model_gflops_per_step": 3 * count_flops(run["cfg"]) * n_tokens / 1e9,
+                    "params": pf.count_params(run["state"]["params"])})
+    out[0]["peak_mem_gib"] = peak_gib()  # of the whole process: the first variant's alone if it is the only one
+    return out
 
 
 def part_block(a):
@@ -204,7 +263,7 @@ def run_part(name, **kw):
     argv = [sys.executable, os.path.abspath(__file__), "--part", name]
     for k, v in kw.items():
         flag = f"--{k.replace('_', '-')}"
-        argv += [flag] if v is True else [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+        argv += [flag] if v is True else [flag, json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
     print(f"... {name} {kw}", flush=True)
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode:
@@ -224,7 +283,7 @@ def main(argv=None):
     p.add_argument("--microbatch", type=int)
     p.add_argument("--seq-len", type=int, default=16000)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--before", action="store_true")  # part train: CPU fixes off (see the docstring)
+    p.add_argument("--variants", default="[{}]")  # part train: JSON list, see part_train
     a = p.parse_args(argv)
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
@@ -233,27 +292,30 @@ def main(argv=None):
     length = 3200 if a.quick else 16000
     r = {"quick": a.quick, "seq_len": length}
     r.update(run_part("matmul"))
-    base = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2)
-    nopool = run_part("train", model=NO_POOLING, batch=1, seq_len=length, repeats=2)
-    before = run_part("train", model=BASELINE, batch=1, seq_len=length, repeats=2, before=True)
-    r["train_baseline"], r["train_no_pooling"], r["train_baseline_fixes_off"] = base, nopool, before
+    alone = (run_part("train", batch=1, seq_len=length) or [{}])[0]  # peak memory: the baseline step alone
+    side = run_part("train", variants=list(VARIANTS.values()), batch=1, seq_len=length, repeats=5)
+    side = dict(zip(VARIANTS, side)) if side else {}
+    base, nopool, before, ceiling = (side.get(k) for k in VARIANTS)
+    r["train_baseline_alone"], r["train_side_by_side"] = alone, side
     r.update(run_part("block", model=BASELINE, batch=1, seq_len=length))
     r.update(run_part("scan", batch=1))
     r.update(run_part("sampler", model=BASELINE, batch=16, seq_len=320 if a.quick else 1600))
     r.update(run_part("data", data_dir=a.data_dir))
     if not a.quick:  # the thesis batch, 32 x 16,000, with accumulation
-        r["train_thesis_batch"] = run_part("train", model=BASELINE, batch=32, microbatch=1, seq_len=16000, repeats=1)
+        r["train_thesis_batch"] = (run_part("train", batch=32, microbatch=1, seq_len=16000, repeats=1) or [None])[0]
         # 16 one-second clips with the baseline, extrapolated from the sampler's measured rate
         r["sample_16_clips_s"] = 16 * 16000 / r["sampler_tokens_per_s"] if "sampler_tokens_per_s" in r else None
 
     get = lambda d, k: d.get(k) if d else None
     peak = r.get("matmul_peak_gflops")
     of_peak = lambda gflops: gflops / peak if gflops and peak else None
-    gflops = base.get("model_gflops_per_step", 0) / (base.get("ms_per_step", math.inf) / 1000) if base else None
+    rate = lambda d: d["model_gflops_per_step"] / (d["ms_per_step"] / 1000) if d else None
+    gflops = rate(base)
     summary = {
         "train_tokens_per_s": get(base, "tokens_per_s"),
         "mfu": of_peak(gflops),
         "model_gflops_per_s": gflops,
+        "matmul_only_mfu": of_peak(rate(ceiling)),
         "mlp_block_mfu": of_peak(r.get("mlp_block_gflops_per_s")),
         "temporal_block_mfu": of_peak(r.get("temporal_block_gflops_per_s")),
         "matmul_peak_gflops": peak,
@@ -262,8 +324,8 @@ def main(argv=None):
         "speedup_over_fixes_off": before["ms_per_step"] / base["ms_per_step"] if base and before else None,
         "scan_assoc_over_seq": r.get("scan_assoc_over_seq"),
         "sampler_over_forward": r.get("sampler_over_forward"),
-        "peak_mem_gib": get(r.get("train_thesis_batch"), "peak_mem_gib") or get(base, "peak_mem_gib"),
-        "compile_s": get(base, "compile_s"),
+        "peak_mem_gib": get(r.get("train_thesis_batch"), "peak_mem_gib") or get(alone, "peak_mem_gib"),
+        "compile_s": get(alone, "compile_s"),
         "data_clips_per_s": r.get("data_clips_per_s"),
     }
     result = {**summary, "details": r, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

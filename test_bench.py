@@ -40,3 +40,31 @@ def test_count_flops_equals_the_traced_matmuls_of_the_forward(changes):
     params = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
     jaxpr = jax.make_jaxpr(lambda p, x: pf.apply(p, x, cfg))(params, jnp.zeros((1, seq_len), jnp.int32))
     assert bench.count_flops(cfg) * seq_len == traced_matmul_flops(jaxpr.jaxpr)
+
+
+def primitives(jaxpr):
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    names |= primitives(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+    return names
+
+
+def test_matmul_only_ceiling_keeps_every_matmul_and_no_elementwise_math(monkeypatch):
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=64, d_rnn=128)
+    seq_len, params = 4, jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+
+    def trace(cfg):
+        fn = lambda p, x, k: pf.apply(p, x, cfg, key=k)
+        return jax.make_jaxpr(fn)(params, jnp.zeros((1, seq_len), jnp.int32), jax.random.key(1)).jaxpr
+
+    math_ops = {"exp", "logistic", "tanh", "erf", "rsqrt", "sqrt", "log", "log1p", "random_bits", "threefry2x32"}
+    assert math_ops & primitives(trace(cfg))  # the real model has them (so this test can fail)
+    stripped = bench.strip_to_matmuls(pf, cfg, monkeypatch.setattr)
+    assert stripped.dropout == 0.0
+    jaxpr = trace(stripped)
+    assert not math_ops & primitives(jaxpr)
+    assert traced_matmul_flops(jaxpr) == bench.count_flops(cfg) * seq_len
