@@ -120,7 +120,7 @@ def strip_to_matmuls(pf, cfg, set_attr=setattr):
 
     set_attr(pf, "norm", lambda p, x, kind: x)
     set_attr(pf, "rglru", rglru)
-    set_attr(jax.nn, "gelu", lambda x: x)  # pf calls jax.nn.gelu; this process only runs this part
+    set_attr(jax.nn, "gelu", lambda x: x)  # pf calls jax.nn.gelu (part_train restores it)
     return dataclasses.replace(cfg, dropout=0.0)
 
 
