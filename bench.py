@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -105,12 +104,13 @@ def part_matmul(a):
     return {"matmul_peak_gflops": 2 * n**3 / s / 1e9}
 
 
-def strip_to_matmuls(pf, cfg, set_attr=setattr):
+def strip_to_matmuls(pf, cfg, set_attr):
     """The matmul-only ceiling: patch pf so the model keeps every matmul (dense, block-diagonal gate,
     pooling, head: the same shapes, remat and layer scans) and nothing else. Norms and GELU become
     identities, the RG-LRU returns its two gates' matmuls in place of the decay and the scan, and
     dropout is off. Its loss is meaningless (it overflows); its time is what XLA takes for the matmuls
-    and the layout work they need. Returns the config to run."""
+    and the layout work they need. set_attr(obj, name, value) makes each patch (one that restores it:
+    `patches` or pytest's monkeypatch.setattr). Returns the config to run."""
     import jax
     import jax.numpy as jnp
 

@@ -19,13 +19,16 @@ def traced_matmul_flops(jaxpr):
             lhs = eqn.invars[0].aval.shape
             total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
         times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(sub, ClosedJaxpr):
-                    total += times * traced_matmul_flops(sub.jaxpr)
-                elif isinstance(sub, Jaxpr):
-                    total += times * traced_matmul_flops(sub)
+        total += times * sum(traced_matmul_flops(sub) for sub in inner_jaxprs(eqn))
     return total
+
+
+def inner_jaxprs(eqn):
+    """The jaxprs an equation holds in its parameters (scan and cond bodies, remat, custom VJPs)."""
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                yield sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub
 
 
 @pytest.mark.parametrize("changes", [
@@ -43,13 +46,10 @@ def test_count_flops_equals_the_traced_matmuls_of_the_forward(changes):
 
 
 def primitives(jaxpr):
+    """Names of every primitive in a jaxpr, inner jaxprs included."""
     names = set()
     for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    names |= primitives(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+        names |= {eqn.primitive.name}.union(*(primitives(sub) for sub in inner_jaxprs(eqn)))
     return names
 
 
