@@ -508,15 +508,15 @@ def load_model_params(checkpoint):
     return train.load_model(checkpoint)
 
 
-def model_test_nll(checkpoint):
+def model_test_nll(checkpoint, dtype='float32'):
     """Test NLL (bits per sample) of a train.py checkpoint's EMA weights on the whole test split of
-    the dataset it was trained on, with train.py's own evaluate."""
+    the dataset it was trained on, with train.py's own evaluate (in the compute dtype given)."""
     import train
     cfg, params, meta = load_model_params(checkpoint)
     tc = meta['train']
     ds = data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
     mesh = train.make_mesh()
-    evaluate = train.make_evaluate(cfg, mesh)
+    evaluate = train.make_evaluate(cfg, mesh, dtype)
     return float(evaluate(params, ds.test, max(mesh.size, tc['microbatch'] or tc['batch_size'])))
 
 
@@ -766,7 +766,7 @@ def cmd_evaluate(args):
             raise SystemExit(f'{p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
         clips.append(fit_length(np.asarray(audio, np.float32).reshape(1, -1))[0])
     result = scores(params, stats, np.stack(clips))
-    result['nll'] = model_test_nll(args.checkpoint) if args.checkpoint else None
+    result['nll'] = model_test_nll(args.checkpoint, args.dtype) if args.checkpoint else None
     rows = [(f'{os.path.basename(os.path.normpath(args.samples))} (n={len(clips)})', result)]
     if 'held-out test clips' in config.get('reference_scores', {}):
         ref = config['reference_scores']['held-out test clips']
@@ -825,6 +825,8 @@ def main(argv=None):
     p.add_argument('--dataset', default='sc09-espeak')
     p.add_argument('--data-dir', default='data')
     p.add_argument('--out', default=None, help='JSON path; default SAMPLES/metrics.json')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='compute dtype of the test NLL column (as train.py --dtype)')
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth) and 4.7 (a in the complex plane)')
     p.add_argument('--checkpoint', default=None, help="train.py run folder (best.npz, else the newest) or .npz")

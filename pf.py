@@ -8,6 +8,12 @@ Activations are time-major, (S, B, D), inside the model: the scan runs along the
 pooling is a reshape of it, so nothing is transposed between layers. `apply` takes and returns
 batch-major arrays.
 
+Mixed precision (`apply(..., dtype=jnp.bfloat16)`, `step` and `init_state` likewise): parameters
+stay float32 and `compute_params` casts a copy for the forward pass. Matmul inputs and the
+activations between layers are then bf16; float32 stays where precision matters: the RG-LRU whole
+(its gates, coefficients, scan and state, |a| near 1 over 16,000 steps), every norm's statistics,
+the head (logits, softmax and cross-entropy), attention's softmax.
+
 Tiers, bottom-up: scan math -> layers (dense, norms, RG-LRU, attention, pooling) -> blocks
 (ResBlock, layer stack, SkipBlock: thesis Figures 3.2-3.4) -> the model (`init`, `apply`,
 `init_state`, `step`).
@@ -27,6 +33,7 @@ C = 8.0  # RG-LRU: log a_t = C r_t log sigmoid(Lambda) + ... (Griffin fixes c = 
 GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R = 256)
 HEADS = 4  # multi-query attention heads (deepest-level ablation)
 SCAN_CHUNK = 64  # scan_associative: steps per chunk (flat from 16 to 250 on this CPU)
+REMAT_POLICY = None  # jax.checkpoint policy of every ResBlock; None: save its input only (bench.py tries others)
 SQRT_MAX_GRAD = 200.0  # bound on d sqrt(x)/dx near x = 0 (the author's value)
 NORM_EPS = 1e-6
 RINGS = {  # ring: (|a| min, |a| max, phase max); |a| ~ sqrt(U[min^2, max^2]), phase ~ U[0, max]
@@ -206,13 +213,15 @@ def norm_init(d, kind):
 
 
 def norm(p, x, kind):
-    """LayerNorm (eq. 3.2-3.4), RMSNorm (eq. 3.5-3.6) or identity, over the feature axis."""
+    """LayerNorm (eq. 3.2-3.4), RMSNorm (eq. 3.5-3.6) or identity, over the feature axis. Statistics
+    in float32 whatever x's dtype; the result has x's dtype."""
     if kind == "none":
         return x
+    y = x.astype(jnp.float32)
     if kind == "layer":
-        x = x - x.mean(-1, keepdims=True)
-        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS) * p["scale"] + p["bias"]
-    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + NORM_EPS) * p["scale"]
+        y = y - y.mean(-1, keepdims=True)
+    y = y * jax.lax.rsqrt((y * y).mean(-1, keepdims=True) + NORM_EPS) * p["scale"]
+    return (y + p["bias"] if kind == "layer" else y).astype(x.dtype)
 
 
 def dropout_mask(key, rate, shape):
@@ -280,6 +289,7 @@ def rglru_coefficients(p, x, complex_rnn):
     log a_t = C r_t log sigmoid(Lambda) + i r_t theta. Choice: like the author's code, c scales the
     magnitude only; the thesis writes a^(c r_t), which would also scale the phase by c.
     """
+    x = x.astype(jnp.float32)  # the RG-LRU runs in float32 under mixed precision too
     r = jax.nn.sigmoid(block_diagonal(p["gate_a"], x))  # recurrence gate, eq. 3.8
     i = jax.nn.sigmoid(block_diagonal(p["gate_x"], x))  # input gate, eq. 3.9
     log_mag = C * r * jax.nn.log_sigmoid(p["lambda_"])  # log |a_t| < 0
@@ -295,16 +305,17 @@ def rnn_output(h):
 
 
 def rglru(p, x, complex_rnn):
-    """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan."""
+    """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan (float32 inside,
+    the result in x's dtype)."""
     a, b = rglru_coefficients(p, x, complex_rnn)
-    return rnn_output(scan_associative(a, b))
+    return rnn_output(scan_associative(a, b)).astype(x.dtype)
 
 
 def rglru_step(p, h, x, complex_rnn):
     """One token: x (B, R), state h (B, N) -> (output (B, R), new h)."""
     a, b = rglru_coefficients(p, x, complex_rnn)
     h = a * h + b
-    return rnn_output(h), h
+    return rnn_output(h).astype(x.dtype), h
 
 
 def attention_init(key, d):
@@ -327,7 +338,7 @@ def attention(p, y):
     s = jnp.einsum("sbhd,tbd->bhst", q, k)
     causal = jnp.tril(jnp.ones((y.shape[0], y.shape[0]), bool))
     s = jnp.where(causal, s, -jnp.inf)
-    o = jnp.einsum("bhst,tbd->sbhd", jax.nn.softmax(s, -1), v)
+    o = jnp.einsum("bhst,tbd->sbhd", jax.nn.softmax(s.astype(jnp.float32), -1).astype(v.dtype), v)
     return dense(p["o"], rearrange(o, "s b h d -> s b (h d)"))
 
 
@@ -338,7 +349,7 @@ def attention_step(p, cache, y, pos):
     vs = jax.lax.dynamic_update_index_in_dim(cache["v"], v, pos, 0)
     s = jnp.einsum("bhd,tbd->bht", q, ks)
     s = jnp.where(jnp.arange(ks.shape[0]) <= pos, s, -jnp.inf)
-    o = jnp.einsum("bht,tbd->bhd", jax.nn.softmax(s, -1), vs)
+    o = jnp.einsum("bht,tbd->bhd", jax.nn.softmax(s.astype(jnp.float32), -1).astype(vs.dtype), vs)
     return dense(p["o"], rearrange(o, "b h d -> b (h d)")), {"k": ks, "v": vs}
 
 
@@ -441,8 +452,9 @@ def layer_stack(p, x, cfg, key=None):
     random bits are made once per step, not twice."""
     if p is None:
         return x
-    temporal = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, temporal_branch(cfg), keep)[0])
-    mlp = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, mlp_branch, keep)[0])
+    temporal = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, temporal_branch(cfg), keep)[0],
+                              policy=REMAT_POLICY)
+    mlp = jax.checkpoint(lambda q, x, keep: res_block(q, x, cfg, mlp_branch, keep)[0], policy=REMAT_POLICY)
 
     def body(x, pk):
         q, key = pk
@@ -498,15 +510,37 @@ def init(key, cfg):
     return {"embedding": emb, **p} if emb else p
 
 
-def apply(params, x, cfg, *, key=None):
-    """x (B, S) int tokens -> logits (B, S, V); logits[:, t] predicts x[:, t] from x[:, :t].
-    key: dropout randomness (None = evaluation, no dropout)."""
+FLOAT32_PARTS = ("rglru", "norm", "head")  # parameters that mixed precision leaves in float32
+
+
+def compute_params(params, dtype):
+    """The copy of the parameters a forward pass computes with: float leaves cast to dtype, except
+    those under FLOAT32_PARTS. Gradients flow back through the cast to the float32 originals."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
+
+    def cast(path, leaf):
+        keep = any(getattr(k, "key", None) in FLOAT32_PARTS for k in path)
+        return leaf if keep or not jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def head(params, h):
+    """Final LayerNorm and Dense(D -> V), in float32: logits (..., V) float32."""
+    return dense(params["head"], norm(params["norm"], h.astype(jnp.float32), "layer"))
+
+
+def apply(params, x, cfg, *, key=None, dtype=jnp.float32):
+    """x (B, S) int tokens -> logits (B, S, V) float32; logits[:, t] predicts x[:, t] from x[:, :t].
+    key: dropout randomness (None = evaluation, no dropout). dtype: the compute dtype (see the
+    module docstring; float32 or bfloat16)."""
     cfg.check_length(x.shape[1])
+    params = compute_params(params, dtype)
     x = jnp.concatenate([jnp.full((x.shape[0], 1), SILENCE, x.dtype), x[:, :-1]], 1)  # input t = token t-1
-    h = embedding(params.get("embedding"), x.T, cfg)  # (S, B, D)
+    h = embedding(params.get("embedding"), x.T, cfg).astype(dtype)  # (S, B, D)
     h = skip_block(params["skip_block"], h, cfg, key)
-    logits = dense(params["head"], norm(params["norm"], h, "layer"))  # (S, B, V)
-    return logits.transpose(1, 0, 2)
+    return head(params, h).transpose(1, 0, 2)  # (S, B, V) -> (B, S, V)
 
 
 def count_params(params):
@@ -516,13 +550,14 @@ def count_params(params):
 # ---- recurrent inference: one token at a time, level k runs once every F_1*..*F_k tokens
 
 
-def layer_stack_state(p, cfg, batch_size, cache_len):
+def layer_stack_state(p, cfg, batch_size, cache_len, dtype):
     if p is None:
         return None
     n = jax.tree.leaves(p)[0].shape[0]
     if "attention" in p["temporal"]["branch"]:
         dh = cfg.d_model // HEADS
-        return {"k": jnp.zeros((n, cache_len, batch_size, dh)), "v": jnp.zeros((n, cache_len, batch_size, dh))}
+        return {"k": jnp.zeros((n, cache_len, batch_size, dh), dtype),
+                "v": jnp.zeros((n, cache_len, batch_size, dh), dtype)}
     width = cfg.d_rnn // 2 if cfg.complex_rnn else cfg.d_rnn
     return jnp.zeros((n, batch_size, width), jnp.complex64 if cfg.complex_rnn else jnp.float32)
 
@@ -548,16 +583,16 @@ def layer_stack_step(p, state, x, pos, cfg):
     return jax.lax.scan(body, x, (p, state))
 
 
-def skip_block_state(p, cfg, batch_size, cache_len):
+def skip_block_state(p, cfg, batch_size, cache_len, dtype):
     if "layers" in p:
-        return {"layers": layer_stack_state(p["layers"], cfg, batch_size, cache_len)}
+        return {"layers": layer_stack_state(p["layers"], cfg, batch_size, cache_len, dtype)}
     f = p["up_pool"]["w"].shape[0]
     d = cfg.d_model
-    return {"before": layer_stack_state(p.get("before"), cfg, batch_size, cache_len),
-            "after": layer_stack_state(p.get("after"), cfg, batch_size, cache_len),
-            "pool_sum": jnp.zeros((batch_size, d)),  # running DownPool sum of the current group
-            "up_buffer": jnp.zeros((f, batch_size, d)),  # UpPool outputs of the last complete group
-            "inner": skip_block_state(p["inner"], cfg, batch_size, cache_len // f)}
+    return {"before": layer_stack_state(p.get("before"), cfg, batch_size, cache_len, dtype),
+            "after": layer_stack_state(p.get("after"), cfg, batch_size, cache_len, dtype),
+            "pool_sum": jnp.zeros((batch_size, d), dtype),  # running DownPool sum of the current group
+            "up_buffer": jnp.zeros((f, batch_size, d), dtype),  # UpPool outputs of the last complete group
+            "inner": skip_block_state(p["inner"], cfg, batch_size, cache_len // f, dtype)}
 
 
 def skip_block_step(p, state, x, pos, cfg):
@@ -585,21 +620,23 @@ def skip_block_step(p, state, x, pos, cfg):
     return y, {"before": before, "after": after, "pool_sum": pool_sum, "up_buffer": up_buffer, "inner": inner}
 
 
-def init_state(cfg, batch_size, seq_len=16000):
+def init_state(cfg, batch_size, seq_len=16000, dtype=jnp.float32):
     """Recurrent state before the first token. seq_len sizes the deepest level's attention cache
-    (unused by the RG-LRU, whose state is O(1))."""
+    (unused by the RG-LRU, whose state is O(1) and complex64/float32 under any dtype); dtype is the
+    compute dtype `step` will be called with (pooling buffers and attention caches hold it)."""
     cfg.check_length(seq_len)
     shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
     return {"pos": jnp.zeros((), jnp.int32),
-            "skip_block": skip_block_state(shapes["skip_block"], cfg, batch_size, seq_len)}
+            "skip_block": skip_block_state(shapes["skip_block"], cfg, batch_size, seq_len, dtype)}
 
 
-def step(params, state, x_prev, cfg):
-    """x_prev (B,) the previous token (SILENCE at the start) -> (logits (B, V) of the next token, state)."""
-    h = embedding(params.get("embedding"), x_prev, cfg)  # (B, D)
+def step(params, state, x_prev, cfg, dtype=jnp.float32):
+    """x_prev (B,) the previous token (SILENCE at the start) -> (logits (B, V) float32 of the next
+    token, state). dtype: the compute dtype, as in `apply` (the state from init_state(..., dtype))."""
+    params = compute_params(params, dtype)
+    h = embedding(params.get("embedding"), x_prev, cfg).astype(dtype)  # (B, D)
     h, body = skip_block_step(params["skip_block"], state["skip_block"], h, state["pos"], cfg)
-    logits = dense(params["head"], norm(params["norm"], h, "layer"))
-    return logits, {"pos": state["pos"] + 1, "skip_block": body}
+    return head(params, h), {"pos": state["pos"] + 1, "skip_block": body}
 
 
 # ---------------------------------------------------------------- command line

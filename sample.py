@@ -37,21 +37,23 @@ def filter_logits(logits, temperature, top_p):
     return jnp.where(drop, -jnp.inf, logits)
 
 
-def generate(params, cfg, key, prompt, prompt_len, temperature=1.0, top_p=1.0):
+def generate(params, cfg, key, prompt, prompt_len, temperature=1.0, top_p=1.0, dtype="float32"):
     """prompt (B, S) tokens, of which the first prompt_len are teacher-forced; the rest are sampled.
-    -> tokens (B, S), log p(token) (B, S) under the model itself (temperature 1, no filtering)."""
+    -> tokens (B, S), log p(token) (B, S) under the model itself (temperature 1, no filtering).
+    dtype: the compute dtype (train.DTYPES)."""
+    dtype = train.DTYPES[dtype]
     batch, length = prompt.shape
 
     def body(carry, inputs):
         state, prev = carry
         t, forced = inputs
-        logits, state = pf.step(params, state, prev, cfg)  # (B, V)
+        logits, state = pf.step(params, state, prev, cfg, dtype)  # (B, V) float32
         drawn = jax.random.categorical(jax.random.fold_in(key, t), filter_logits(logits, temperature, top_p))
         token = jnp.where(t < prompt_len, forced, drawn).astype(prev.dtype)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
         return (state, token), (token, logp)
 
-    start = (pf.init_state(cfg, batch, length), jnp.full((batch,), pf.SILENCE, jnp.int32))
+    start = (pf.init_state(cfg, batch, length, dtype), jnp.full((batch,), pf.SILENCE, jnp.int32))
     _, (tokens, logp) = jax.lax.scan(body, start, (jnp.arange(length), prompt.T.astype(jnp.int32)))
     return tokens.T, logp.T
 
@@ -75,6 +77,7 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(train.DTYPES), default="float32", help="compute dtype")
     parser.add_argument("--prompt", help="a WAV to continue: its tokens are teacher-forced, then sampling goes on")
     parser.add_argument("--generate", type=int, help="generate this many clips and keep the --n most likely "
                         "(SaShiMi sorts samples by likelihood); default: --n")
@@ -98,7 +101,8 @@ def main(argv=None):
         prompt[:prompt_len] = tokens
 
     total = max(args.generate or args.n, args.n)
-    run = jax.jit(lambda p, key, prompts: generate(p, cfg, key, prompts, prompt_len, args.temperature, args.top_p))
+    run = jax.jit(lambda p, key, prompts: generate(p, cfg, key, prompts, prompt_len, args.temperature, args.top_p,
+                                                     args.dtype))
     print(f"sampling {total} clips of {length} tokens ({encoding}) from step {meta['step']}, batch {args.batch_size}")
     clips, logps, start = [], [], time.perf_counter()
     for i in range(0, total, args.batch_size):

@@ -59,6 +59,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
     resume: bool = False
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
 
 
 PRESETS = {  # per dataset: (model changes, train changes); explicit flags override them
@@ -77,9 +78,13 @@ PRESETS = {  # per dataset: (model changes, train changes); explicit flags overr
 # ---------------------------------------------------------------- loss, optimiser, train step
 
 
-def nll_sum(params, tokens, mask, cfg, key=None):
-    """Sum of -log p(token) in nats over unmasked positions, and the number of those positions."""
-    logits = pf.apply(params, tokens.astype(jnp.int32), cfg, key=key)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: the compute dtype
+
+
+def nll_sum(params, tokens, mask, cfg, key=None, dtype="float32"):
+    """Sum of -log p(token) in nats over unmasked positions, and the number of those positions.
+    The logits and the cross-entropy are float32 whatever the compute dtype."""
+    logits = pf.apply(params, tokens.astype(jnp.int32), cfg, key=key, dtype=DTYPES[dtype])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32))
     return jnp.sum(ce * mask), jnp.sum(mask)
 
@@ -126,7 +131,8 @@ def make_train_step(cfg, tc, mesh):
         mask = jax.lax.with_sharding_constraint(rearrange(mask, "(m n) l -> n m l", n=n_micro), micro)
 
         def accumulate(carry, i):
-            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, jax.random.fold_in(key, i))
+            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, jax.random.fold_in(key, i),
+                                            tc.dtype)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
@@ -151,9 +157,9 @@ def make_train_step(cfg, tc, mesh):
                    donate_argnums=0, compiler_options=compiler_options())
 
 
-def make_evaluate(cfg, mesh):
+def make_evaluate(cfg, mesh, dtype="float32"):
     rows = NamedSharding(mesh, P("data"))
-    nll = jax.jit(lambda params, tokens, mask: nll_sum(params, tokens, mask, cfg),
+    nll = jax.jit(lambda params, tokens, mask: nll_sum(params, tokens, mask, cfg, dtype=dtype),
                   in_shardings=(NamedSharding(mesh, P()), rows, rows), compiler_options=compiler_options())
 
     def evaluate(params, split, batch_size):
@@ -322,6 +328,8 @@ def parse_args(argv):
     pf.add_config_args(parser, dataclasses.replace(pf.Config(), **model_preset))
     args = parser.parse_args(argv)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if tc.dtype not in DTYPES:
+        parser.error(f"--dtype {tc.dtype!r} is not one of {', '.join(DTYPES)}")
     return pf.config_from_args(args), tc
 
 
@@ -372,7 +380,7 @@ def main(argv=None):
         with open(os.path.join(tc.out, "config.json"), "w") as f:
             json.dump(resolved, f, indent=1)
 
-    train_step, evaluate = make_train_step(cfg, tc, mesh), make_evaluate(cfg, mesh)
+    train_step, evaluate = make_train_step(cfg, tc, mesh), make_evaluate(cfg, mesh, tc.dtype)
     rows = NamedSharding(mesh, P("data"))
     eval_batch = max(mesh.size, (tc.microbatch or tc.batch_size))
     log = open(os.path.join(tc.out, "log.jsonl"), "a") if lead else None
