@@ -2,6 +2,8 @@
 
     python bench.py --quick     # a few minutes: short sequences, batch 1
     python bench.py             # the issue's sizes: 16,000 samples, thesis batch with accumulation
+    python bench.py --device    # on a GPU/TPU: batch 32 x 16,000 in float32 and bf16, within --budget s
+    python bench.py --device --quick   # the same parts with a tiny model (the CPU test of that path)
 
 Every part runs in a fresh subprocess (`--part NAME`), so its peak memory (max RSS) is its own.
 Prints a table and writes bench.json. Model FLOPs are counted from the architecture (count_flops):
@@ -46,6 +48,21 @@ BASELINE = {}  # pf.Config() defaults are the thesis baseline
 NO_POOLING = {"pooling": (), "layers": (36,)}  # thesis table 4.2: same 36 RG-LRU layers, no pooling
 VARIANTS = {"baseline": {}, "no_pooling": {"model": NO_POOLING}, "fixes_off": {"before": True},
             "matmul_only": {"matmul_only": True}}  # the training steps timed side by side (part_train)
+# --device: two groups of training steps, each timed side by side in its own process. "core": the
+# issue's table (both dtypes, with and without pooling; bf16 runs pf.SCAN_CHUNK and the remat of
+# pf.REMAT_POLICY); "tuning": the bf16 step with other scan chunk sizes (1 = the plain associative
+# scan) and remat policies, each against core's bf16 (an accelerator is not shared: no noisy neighbour).
+# No remat at all is left out: at 32 x 16,000 it needs 147 GiB (XLA's estimate on an H200, where its
+# rematerialisation pass then ran for minutes).
+BF16 = {"dtype": "bfloat16"}
+DEVICE_CORE = {"bf16": BF16, "f32": {}, "no_pooling_bf16": {**BF16, "model": NO_POOLING},
+               "no_pooling_f32": {"model": NO_POOLING}}
+DEVICE_TUNING = {"chunk_16": {**BF16, "chunk": 16}, "chunk_256": {**BF16, "chunk": 256},
+                 "plain_scan": {**BF16, "chunk": 1}, "remat_dots": {**BF16, "remat": "dots"}}
+QUICK_CORE, QUICK_TUNING = ("bf16", "f32"), ("remat_dots",)  # --device --quick (the CPU test): fewer compiles
+THESIS_TOKENS_PER_S = 31158 * 16000 * 11.45 / 3600  # thesis Table 4.2: 11.45 epochs/hour on a TPU v3-128 pod
+TINY = {"pooling": (2, 2), "layers": (1, 1, 1), "d_model": 32, "d_rnn": 64}  # --device --quick: the CPU test
+TINY_NO_POOLING = {**TINY, "pooling": (), "layers": (3,)}
 
 
 def block_macs(cfg):
@@ -96,12 +113,13 @@ def timed(fn, *args, repeats=3, options=None):
 
 
 def part_matmul(a):
+    """The MFU denominator: an n^3 matmul (2048 float32 on the CPU; --device: 8192 bfloat16)."""
     import jax
     import jax.numpy as jnp
-    n = 2048
-    x = jax.random.normal(jax.random.key(0), (n, n))
+    n = a.n or 2048
+    x = jax.random.normal(jax.random.key(0), (n, n)).astype(a.dtype)
     _, s = timed(lambda x: x @ x, x, repeats=5)
-    return {"matmul_peak_gflops": 2 * n**3 / s / 1e9}
+    return {"matmul_peak_gflops": 2 * n**3 / s / 1e9, "matmul_n": n, "matmul_dtype": a.dtype}
 
 
 def strip_to_matmuls(pf, cfg, set_attr):
@@ -139,49 +157,108 @@ def patches():
             setattr(obj, name, value)
 
 
+REMAT_POLICIES = {"input": None, "dots": "dots_with_no_batch_dims_saveable"}
+
+
 def part_train(a):
     """Training steps (batch a.batch x a.seq_len), one per variant in a.variants, each compiled under
     its own patches, then timed in alternation (round r times every variant once), so slow spells
     of this shared machine hit them alike and their ratios hold. Variant keys: model (Config
-    changes), before (CPU fixes off), matmul_only (strip_to_matmuls)."""
+    changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), remat
+    (a REMAT_POLICIES key), before (CPU fixes off), matmul_only (strip_to_matmuls). A variant that
+    fails to compile or run (out of memory, say) reports its error and the others go on. Each variant
+    is traced under its patches, then all compile at once in threads (XLA compiles outside the GIL):
+    compile_s is wall time while the others compile too."""
     import jax
     import pf
     import train
+    from concurrent.futures import ThreadPoolExecutor
     from jax.sharding import Mesh
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch)
     tokens = np.random.default_rng(0).integers(0, 256, (a.batch, a.seq_len), dtype=np.uint8)
     mask = np.ones_like(tokens, bool)
     runs = []
     for v in json.loads(a.variants):
         cfg = pf.Config(**v.get("model", {}))
-        with patches() as set_attr:
-            if v.get("before"):  # fixes off: the plain associative scan, XLA's default CPU fusions
-                set_attr(pf, "SCAN_CHUNK", 1)
-                set_attr(train, "compiler_options", lambda: None)
-            if v.get("matmul_only"):
-                cfg = strip_to_matmuls(pf, cfg, set_attr)
-            state = jax.jit(lambda: train.init_state(cfg, tc))()
-            start = time.perf_counter()
-            compiled = train.make_train_step(cfg, tc, mesh).lower(state, tokens, mask).compile()
-            compile_s = time.perf_counter() - start
-        state, m = compiled(state, tokens, mask)
-        jax.block_until_ready(m)
-        runs.append({"cfg": cfg, "step": compiled, "state": state, "compile_s": compile_s, "times": []})
+        tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch, dtype=v.get("dtype", "float32"))
+        run = {"variant": v, "times": []}
+        runs.append(run)
+        try:
+            with patches() as set_attr:
+                if v.get("before"):  # fixes off: the plain associative scan, XLA's default CPU fusions
+                    set_attr(pf, "SCAN_CHUNK", 1)
+                    set_attr(train, "compiler_options", lambda: None)
+                if v.get("chunk"):
+                    set_attr(pf, "SCAN_CHUNK", v["chunk"])
+                if REMAT_POLICIES.get(v.get("remat")):
+                    set_attr(pf, "REMAT_POLICY", getattr(jax.checkpoint_policies, REMAT_POLICIES[v["remat"]]))
+                if v.get("matmul_only"):
+                    cfg = strip_to_matmuls(pf, cfg, set_attr)
+                state = jax.jit(lambda: train.init_state(cfg, tc))()
+                start = time.perf_counter()
+                run["lowered"] = train.make_train_step(cfg, tc, mesh).lower(state, tokens, mask)
+                run.update(cfg=cfg, state=state, trace_s=time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 -- report it, time the rest
+            run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    def compile_one(run):
+        start = time.perf_counter()
+        try:
+            run["compiled"] = run.pop("lowered").compile()
+        except Exception as e:  # noqa: BLE001
+            run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        run["compile_s"] = time.perf_counter() - start
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(compile_one, [run for run in runs if "lowered" in run]))
+    for run in runs:
+        try:
+            if "compiled" in run:
+                run["step"] = run.pop("compiled")
+                run["state"], m = run["step"](run["state"], tokens, mask)
+                run.update(memory_gib=executable_gib(run["step"]), loss_bits=float(m["loss_bits"]))
+        except Exception as e:  # noqa: BLE001 -- e.g. out of device memory: report it, time the rest
+            run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            run.pop("state", None)
+        print(json.dumps({k: run.get(k) for k in ("variant", "trace_s", "compile_s", "memory_gib", "loss_bits", "error")}),
+              file=sys.stderr, flush=True)
     for _ in range(a.repeats):
         for run in runs:
-            start = time.perf_counter()
-            run["state"], m = run["step"](run["state"], tokens, mask)
-            jax.block_until_ready(m)
-            run["times"].append(time.perf_counter() - start)
+            if "step" in run:
+                start = time.perf_counter()
+                run["state"], m = run["step"](run["state"], tokens, mask)
+                jax.block_until_ready(m)
+                run["times"].append(time.perf_counter() - start)
     n_tokens, out = a.batch * a.seq_len, []
     for run in runs:
+        if "step" not in run:
+            out.append({"variant": run["variant"], "error": run.get("error")})
+            continue
         s = float(np.median(run["times"]))
-        out.append({"ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s, "compile_s": run["compile_s"],
+        out.append({"variant": run["variant"], "ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s,
+                    "trace_s": run["trace_s"], "compile_s": run["compile_s"], "memory_gib": run["memory_gib"],
+                    "loss_bits": run["loss_bits"],
                     "model_gflops_per_step": 3 * count_flops(run["cfg"]) * n_tokens / 1e9,
                     "params": pf.count_params(run["state"]["params"])})
     out[0]["peak_mem_gib"] = peak_gib()  # of the whole process: the first variant's alone if it is the only one
+    out[0]["device_peak_gib"] = device_peak_gib()
     return out
+
+
+def executable_gib(compiled):
+    """Device memory one compiled step needs: its arguments, outputs and temporaries (XLA's own
+    accounting; donated arguments are counted once)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**30
+
+
+def device_peak_gib():
+    """Peak device memory of this process so far, where the backend reports it (GPU, TPU)."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
 def part_block(a):
@@ -194,13 +271,14 @@ def part_block(a):
     import pf
     import train
     cfg = pf.Config(**json.loads(a.model))
-    x = jax.random.normal(jax.random.key(0), (a.seq_len, a.batch, cfg.d_model))
+    x = jax.random.normal(jax.random.key(0), (a.seq_len, a.batch, cfg.d_model)).astype(a.dtype)
     keep = pf.dropout_mask(jax.random.key(2), cfg.dropout, x.shape)
     out = {}
     for kind, branch in (("mlp", pf.mlp_branch), ("temporal", pf.temporal_branch(cfg))):
-        p = pf.res_block_init(jax.random.key(1), cfg, "mlp" if kind == "mlp" else "rglru", 1.0)
+        p = pf.compute_params(pf.res_block_init(jax.random.key(1), cfg, "mlp" if kind == "mlp" else "rglru", 1.0),
+                              a.dtype)
         block = jax.checkpoint(lambda p, x, branch=branch: pf.res_block(p, x, cfg, branch, keep)[0])
-        grad = jax.grad(lambda p, x: jnp.sum(block(p, x) ** 2), (0, 1))
+        grad = jax.grad(lambda p, x: jnp.sum(block(p, x).astype(jnp.float32) ** 2), (0, 1))
         _, s = timed(grad, p, x, repeats=5, options=train.compiler_options())
         out[f"{kind}_block_ms"] = 1000 * s
         out[f"{kind}_block_gflops_per_s"] = 3 * 2 * block_macs(cfg)[kind] * x.shape[0] * x.shape[1] / s / 1e9
@@ -233,11 +311,14 @@ def part_sampler(a):
     cfg = pf.Config(**json.loads(a.model))
     params = jax.jit(pf.init, static_argnums=1)(jax.random.key(0), cfg)
     prompt = jnp.full((a.batch, a.seq_len), pf.SILENCE, jnp.int32)
-    _, fwd = timed(lambda p, x: pf.apply(p, x, cfg), params, prompt, repeats=2)
-    _, smp = timed(lambda p, k: sample.generate(p, cfg, k, prompt, 0), params, jax.random.key(1), repeats=1)
+    dtype = jnp.dtype(a.dtype)
+    _, fwd = timed(lambda p, x: pf.apply(p, x, cfg, dtype=dtype), params, prompt, repeats=2)
+    _, smp = timed(lambda p, k: sample.generate(p, cfg, k, prompt, 0, dtype=a.dtype), params, jax.random.key(1),
+                   repeats=1)
     tokens = a.batch * a.seq_len
     return {"sampler_tokens_per_s": tokens / smp, "forward_tokens_per_s": tokens / fwd,
-            "sampler_over_forward": fwd / smp, "sample_s": smp, "sample_batch": a.batch, "sample_len": a.seq_len}
+            "sampler_over_forward": fwd / smp, "sample_s": smp, "sample_batch": a.batch, "sample_len": a.seq_len,
+            "sample_dtype": a.dtype}
 
 
 def part_data(a):
@@ -259,13 +340,19 @@ def part_data(a):
 PARTS = {"matmul": part_matmul, "train": part_train, "block": part_block, "scan": part_scan, "sampler": part_sampler, "data": part_data}
 
 
-def run_part(name, **kw):
+def run_part(name, timeout=None, **kw):
+    """One part in a fresh process: its JSON result ({} if it failed or ran past timeout seconds)."""
     argv = [sys.executable, os.path.abspath(__file__), "--part", name]
     for k, v in kw.items():
         flag = f"--{k.replace('_', '-')}"
         argv += [flag] if v is True else [flag, json.dumps(v) if isinstance(v, (dict, list)) else str(v)]
     print(f"... {name} {kw}", flush=True)
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        print(f"part {name} ran past {timeout:.0f} s; its output so far:\n{err[-3000:]}", file=sys.stderr)
+        return {}
     if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
         return {}
@@ -274,7 +361,12 @@ def run_part(name, **kw):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="short sequences (with --device: a tiny model, for the CPU)")
+    p.add_argument("--device", action="store_true", help="the accelerator benchmark: batch 32 x 16,000, "
+                   "float32 and bfloat16, scan chunk and remat sweep, pooling speedup, sampler")
+    p.add_argument("--budget", type=float, default=480, help="--device: seconds for all parts together")
+    p.add_argument("--dtype", default="float32")  # parts matmul, block, sampler
+    p.add_argument("--n", type=int)  # part matmul: the matrix size
     p.add_argument("--out", default="bench.json")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--part", choices=sorted(PARTS))  # internal: one part, JSON on stdout
@@ -288,6 +380,8 @@ def main(argv=None):
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
         return 0
+    if a.device:
+        return main_device(a, argv)
 
     length = 3200 if a.quick else 16000
     r = {"quick": a.quick, "seq_len": length}
@@ -337,6 +431,97 @@ def main(argv=None):
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     print(f"(details in {a.out})")
     return 0
+
+
+def main_device(a, argv):
+    """python bench.py --device: the issue's accelerator table, each part in its own process, within
+    a.budget seconds (a part still running then is stopped, the rest skipped); bench.json is
+    rewritten after every part, so a stopped run keeps what it measured."""
+    start = time.perf_counter()
+    left = lambda: a.budget - (time.perf_counter() - start)
+    batch, length = (2, 64) if a.quick else (32, 16000)
+    base, no_pool = (TINY, TINY_NO_POOLING) if a.quick else (BASELINE, NO_POOLING)
+    r = {"quick": a.quick, "batch": batch, "seq_len": length, "command": " ".join(["python", "bench.py"] + (argv or sys.argv[1:]))}
+
+    def save():
+        with open(a.out, "w") as f:
+            json.dump(r, f, indent=1)
+
+    def part(name, **kw):
+        if left() < 10:
+            print(f"skipped {name}: the --budget of {a.budget:.0f} s is spent", file=sys.stderr)
+            return {}
+        print(f"[{a.budget - left():.0f} s]", end=" ")
+        return run_part(name, timeout=left(), **kw)
+
+    r["matmul"] = part("matmul", dtype="bfloat16", n=256 if a.quick else 8192)
+    r["matmul_f32"] = part("matmul", dtype="float32", n=256 if a.quick else 8192)
+    save()
+    for group, variants in (("core", DEVICE_CORE), ("tuning", DEVICE_TUNING)):
+        if a.quick:
+            variants = {k: v for k, v in variants.items() if k in QUICK_CORE + QUICK_TUNING}
+        resolved = [{**v, "model": {**base, **(no_pool if "model" in v else {})}} for v in variants.values()]
+        out = part("train", variants=resolved, batch=batch, seq_len=length, repeats=a.repeats)
+        r[group] = dict(zip(variants, out)) if out else {}
+        save()
+        if group == "core":
+            for b in (16, 256):
+                r[f"sampler_{b}"] = part("sampler", model=base, batch=b, seq_len=16 if a.quick else 1600,
+                                         dtype="bfloat16")
+            save()
+    r.update(part("block", model=base, batch=batch, seq_len=length, dtype="bfloat16"))
+    r["device"] = device_info()
+    peak = (r["matmul"] or {}).get("matmul_peak_gflops")
+    for group in ("core", "tuning"):
+        for run in r.get(group, {}).values():
+            if "ms_per_step" in run:
+                run["model_tflops_per_s"] = run["model_gflops_per_step"] / run["ms_per_step"]  # GFLOP/ms = TFLOP/s
+                run["mfu"] = 1000 * run["model_tflops_per_s"] / peak if peak else None
+                run["vs_thesis_pod"] = run["tokens_per_s"] / THESIS_TOKENS_PER_S
+    core = r.get("core", {})
+    ratio = lambda a_, b_: core[a_]["ms_per_step"] / core[b_]["ms_per_step"] \
+        if "ms_per_step" in core.get(a_, {}) and "ms_per_step" in core.get(b_, {}) else None
+    r["pooling_speedup_bf16"], r["pooling_speedup_f32"] = ratio("no_pooling_bf16", "bf16"), ratio("no_pooling_f32", "f32")
+    r["bf16_speedup"] = ratio("f32", "bf16")
+    for name, run in r.get("tuning", {}).items():
+        if "ms_per_step" in run and "ms_per_step" in core.get("bf16", {}):
+            run["speedup_over_bf16"] = core["bf16"]["ms_per_step"] / run["ms_per_step"]
+    r["seconds"] = time.perf_counter() - start
+    save()
+    print_device_table(r)
+    return 0
+
+
+def device_info():
+    """The device's name, count and the jax version, from a fresh process (this one never imports jax)."""
+    code = "import jax, json; d = jax.devices(); print(json.dumps({'kind': d[0].device_kind, 'platform': " \
+           "d[0].platform, 'count': len(d), 'jax': jax.__version__}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+
+
+def print_device_table(r):
+    f = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"\n{r['device'].get('kind')} | batch {r['batch']} x {r['seq_len']} | bf16 matmul "
+          f"{f((r['matmul'] or {}).get('matmul_peak_gflops', 0) / 1000, '.0f')} TFLOP/s, f32 matmul "
+          f"{f((r['matmul_f32'] or {}).get('matmul_peak_gflops', 0) / 1000, '.0f')} TFLOP/s")
+    print(f"{'step':18s} {'ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'GiB':>6s} {'compile s':>9s} "
+          f"{'loss':>6s}")
+    for group in ("core", "tuning"):
+        for name, run in r.get(group, {}).items():
+            if "error" in run:
+                print(f"{name:18s} {run['error'][:60]}")
+                continue
+            print(f"{name:18s} {run['ms_per_step']:9.1f} {run['tokens_per_s']:11,.0f} {f(run['model_tflops_per_s'], '8.1f')} "
+                  f"{f(run['mfu'] and 100 * run['mfu'], '5.1f')}% {f(run['memory_gib'], '6.1f')} {run['compile_s']:9.1f} "
+                  f"{run['loss_bits']:6.3f}")
+    for b in (16, 256):
+        s = r.get(f"sampler_{b}") or {}
+        print(f"sampler batch {b}: {f(s.get('sampler_tokens_per_s'), ',.0f')} tokens/s "
+              f"(forward {f(s.get('forward_tokens_per_s'), ',.0f')})")
+    for k in ("pooling_speedup_bf16", "pooling_speedup_f32", "bf16_speedup", "mlp_block_ms", "temporal_block_ms",
+              "seconds"):
+        print(f"{k:22s} {f(r.get(k), '.3g')}")
 
 
 if __name__ == "__main__":

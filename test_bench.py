@@ -1,4 +1,6 @@
 """bench.py's FLOP count against the matmuls JAX actually traces."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,3 +70,34 @@ def test_matmul_only_ceiling_keeps_every_matmul_and_no_elementwise_math(monkeypa
     jaxpr = trace(stripped)
     assert not math_ops & primitives(jaxpr)
     assert traced_matmul_flops(jaxpr) == bench.count_flops(cfg) * seq_len
+
+
+def test_device_benchmark_runs_at_small_sizes_and_its_figures_agree(tmp_path):
+    """`python bench.py --device --quick`: the accelerator benchmark's code path on the CPU, with a tiny
+    model. Its figures must hang together: FLOPs from count_flops, MFU from the step time and the
+    measured matmul, the same loss in bf16 and float32 (same init, same batch: bf16 rounding only)
+    and with another remat policy (recomputing or saving changes no value)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--device", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    cfg = pf.Config(**bench.TINY)
+    n_tokens = r["batch"] * r["seq_len"]
+    core, peak = r["core"], r["matmul"]["matmul_peak_gflops"]
+    assert set(core) == {"bf16", "f32"} and set(r["tuning"]) == {"remat_dots"}
+    for run in [*core.values(), *r["tuning"].values()]:
+        assert run["params"] == pf.count_params(jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg)))
+        assert run["model_gflops_per_step"] == pytest.approx(3 * bench.count_flops(cfg) * n_tokens / 1e9)
+        assert run["tokens_per_s"] == pytest.approx(n_tokens / (run["ms_per_step"] / 1000))
+        assert run["mfu"] == pytest.approx(run["model_gflops_per_step"] / (run["ms_per_step"] / 1000) / peak)
+        assert run["memory_gib"] > 0 and 7.0 < run["loss_bits"] < 10.0  # ~8 bits: random tokens, fresh model
+    assert abs(core["bf16"]["loss_bits"] - core["f32"]["loss_bits"]) < 0.02
+    assert abs(r["tuning"]["remat_dots"]["loss_bits"] - core["bf16"]["loss_bits"]) < 1e-3
+    assert r["bf16_speedup"] == pytest.approx(core["f32"]["ms_per_step"] / core["bf16"]["ms_per_step"])
+    for b in (16, 256):
+        assert r[f"sampler_{b}"]["sample_batch"] == b and r[f"sampler_{b}"]["sampler_tokens_per_s"] > 0
+    assert r["device"]["platform"] == "cpu" and "step" in proc.stdout
