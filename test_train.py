@@ -237,3 +237,28 @@ def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(data_dir, tm
     assert_same_params({k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")},
                        {k: np.asarray(v) for k, v in fresh.items()}, 0.0)
     assert [r["skipped"] for r in log_records(out) if "loss_bits" in r] == [1, 2, 3]
+
+
+def test_minutes_budget_stops_on_time_and_leaves_a_complete_run(data_dir, compile_cache, tmp_path):
+    """--minutes 0.3 with a step count it could never reach: the loop stops at the budget, then the
+    run finishes as one that reached its steps (evaluation, best.npz, final checkpoint)."""
+    out = str(tmp_path / "budget")
+    start = time.perf_counter()
+    code, log = run(args(data_dir, out, "--steps", "1000000", "--minutes", "0.3", "--log-every", "1"), compile_cache)
+    wall = time.perf_counter() - start
+    assert code == 0, log
+    meta, _ = final_params(out)
+    assert 1 <= meta["step"] < 1000000 and f"budget is spent at step {meta['step']}" in log
+    records = log_records(out)
+    assert records[-1]["step"] == meta["step"] and "val_nll_bits" in records[-1]  # evaluated at the last step
+    assert os.path.exists(os.path.join(out, "best.npz"))
+    etas = [r["eta_min"] for r in records if "eta_min" in r]
+    assert etas and max(etas) <= 0.3  # the ETA follows the budget, not the million steps
+    assert wall < 18 + 90, f"{wall:.0f} s for an 18 s budget"  # startup, data and the final evaluation aside
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1"])
+def test_minutes_budget_must_be_positive(minutes, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--minutes", minutes])
+    assert e.value.code == 2 and f"--minutes {float(minutes)} must be > 0" in capsys.readouterr().err

@@ -43,6 +43,7 @@ class TrainConfig:
     microbatch: int | None = None  # rows per gradient-accumulation microbatch; None = the whole batch
     epochs: int = 500
     steps: int | None = None  # stop after this many steps instead (overrides epochs)
+    minutes: float | None = None  # wall-clock budget of this run, compile included; then it finishes as at its last step
     lr: float = 0.002  # AdamW, linear warmup then constant
     b1: float = 0.9
     b2: float = 0.999
@@ -330,6 +331,8 @@ def parse_args(argv):
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if tc.dtype not in DTYPES:
         parser.error(f"--dtype {tc.dtype!r} is not one of {', '.join(DTYPES)}")
+    if tc.minutes is not None and not tc.minutes > 0:
+        parser.error(f"--minutes {tc.minutes} must be > 0 (the run's wall-clock budget)")
     return pf.config_from_args(args), tc
 
 
@@ -416,8 +419,9 @@ def main(argv=None):
         start = int(state["step"])
         step = epoch = start
         timer, timed_steps, compile_s = None, 0, None
+        deadline = time.perf_counter() + 60 * tc.minutes if tc.minutes else math.inf  # --minutes: this run's budget
         for step, epoch, tokens, mask in train_batches(ds.train, tc, start):
-            if step >= total_steps or stop["signal"]:
+            if step >= total_steps or stop["signal"] or time.perf_counter() >= deadline:
                 break
             t0 = time.perf_counter()
             state, metrics = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
@@ -437,7 +441,7 @@ def main(argv=None):
                 write({"step": done, "epoch": epoch, "loss_bits": float(metrics["loss_bits"]),
                        "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]), "ms_per_step": ms,
                        "tokens_per_s": float(metrics["tokens"]) * 1000 / ms, "skipped": int(state["skipped"]),
-                       "eta_min": ms * (total_steps - done) / 60000})
+                       "eta_min": min(ms * (total_steps - done), 1000 * (deadline - time.perf_counter())) / 60000})
             if bad_run >= tc.max_bad_steps:
                 save(done, epoch)  # the skipped steps left the parameters as they were: a good state
                 raise SystemExit(f"error: {tc.max_bad_steps} updates in a row skipped (loss NaN/inf or gradient "
@@ -452,6 +456,8 @@ def main(argv=None):
             save(done, epoch)
             say(f"interrupted: saved step {done} in {tc.out}; continue with --resume")
             return 130
+        if done < total_steps:
+            say(f"the --minutes {tc.minutes:g} budget is spent at step {done}: finishing the run")
         if done > start and (done % per_epoch) and not (tc.eval_every and done % tc.eval_every == 0):
             run_eval(done, epoch)
         save(done, epoch)
