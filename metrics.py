@@ -718,9 +718,13 @@ def _split_audio(split, encoding):
 def cmd_train_classifier(args):
     """Train the digit classifier on the dataset's training split. It sees the 8-bit audio decoded
     from the tokens (data.decode), the same kind of audio the generative model produces."""
-    ds = data.load(args.dataset, data_dir=args.data_dir, size=args.size)  # before any JAX computation
+    try:
+        ds = data.load(args.dataset, data_dir=args.data_dir, size=args.size)  # before any JAX computation
+    except data.DataError as e:
+        raise SystemExit(f'error: {e}')
     if ds.sample_rate != SAMPLE_RATE:
-        raise SystemExit(f'{args.dataset}: {ds.sample_rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
+        raise SystemExit(f'error: --dataset {args.dataset}: {ds.sample_rate} Hz, the classifier needs {SAMPLE_RATE} Hz '
+                         f'(sc09 or sc09-espeak)')
     out = args.out or os.path.join(args.data_dir, f'classifier-{args.dataset}')
     train_audio = _split_audio(ds.train, ds.encoding)
     val_images = mel_features(_split_audio(ds.validation, ds.encoding))
@@ -754,16 +758,25 @@ def cmd_train_classifier(args):
 
 
 def cmd_evaluate(args):
-    cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
-    params, config, stats = load_classifier(cdir)
+    if not os.path.isdir(args.samples):
+        raise SystemExit(f'error: --samples {args.samples}: no such folder (sample.py --out writes one)')
     paths = sorted(os.path.join(args.samples, f) for f in os.listdir(args.samples) if f.lower().endswith('.wav'))
     if len(paths) < 2:
-        raise SystemExit(f'{args.samples}: need at least 2 .wav files, found {len(paths)}')
+        raise SystemExit(f'error: --samples {args.samples}: need at least 2 .wav files, found {len(paths)}')
+    cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
+    missing = [f for f in ('params.npz', 'config.json', 'train_stats.npz') if not os.path.isfile(os.path.join(cdir, f))]
+    if missing:
+        raise SystemExit(f'error: no digit classifier in {cdir} (missing {", ".join(missing)}); train one first: '
+                         f'python metrics.py train-classifier --dataset {args.dataset} --data-dir {args.data_dir}')
+    params, config, stats = load_classifier(cdir)
     clips = []
     for p in paths:
-        audio, rate = data.read_wav(p)
+        try:
+            audio, rate = data.read_wav(p)
+        except data.WavError as e:
+            raise SystemExit(f'error: {e}')
         if rate != SAMPLE_RATE:
-            raise SystemExit(f'{p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
+            raise SystemExit(f'error: {p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
         clips.append(fit_length(np.asarray(audio, np.float32).reshape(1, -1))[0])
     result = scores(params, stats, np.stack(clips))
     result['nll'] = model_test_nll(args.checkpoint) if args.checkpoint else None
@@ -783,6 +796,8 @@ def cmd_evaluate(args):
 def cmd_figures(args):
     if args.init:  # a freshly initialised baseline model (thesis Figure 4.7, left column)
         import pf  # only this option needs the model code
+        if args.init not in pf.RINGS:
+            raise SystemExit(f'error: --init {args.init} is not a ring: {" | ".join(pf.RINGS)}')
         params, source = pf.init(jax.random.key(args.seed), pf.Config(ring=args.init)), f'init ring={args.init}'
         out = args.out or os.path.join('runs', f'figures-init-{args.init}')
     elif args.checkpoint:
@@ -790,10 +805,10 @@ def cmd_figures(args):
         source = f'{args.checkpoint} (EMA weights, step {meta.get("step")})'
         out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
     else:
-        raise SystemExit('figures: give --checkpoint RUN or --init RING')
+        raise SystemExit('error: figures: give --checkpoint RUN or --init RING')
     a_values = rglru_a_values(params)
     if not a_values:
-        raise SystemExit(f'{source}: no RG-LRU parameters (no key lambda_)')
+        raise SystemExit(f'error: {source}: no RG-LRU parameters (no key lambda_)')
     os.makedirs(out, exist_ok=True)
     for name, draw in (('fig4_9_mean_abs_a', figure_mean_abs_a), ('fig4_7_a_complex_plane', figure_complex_plane)):
         img, numbers = draw(a_values)
@@ -806,34 +821,40 @@ def cmd_figures(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM')
-    p.add_argument('--dataset', default='sc09-espeak')
-    p.add_argument('--data-dir', default='data')
-    p.add_argument('--size', default='default')
-    p.add_argument('--steps', type=int, default=1000)
-    p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--lr', type=float, default=3e-3)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='default: DATA_DIR/classifier-DATASET')
+    p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM',
+                       formatter_class=data.HelpFormatter)
+    p.add_argument('--dataset', default='sc09-espeak', help='a 16 kHz digit dataset: sc09 | sc09-espeak')
+    p.add_argument('--data-dir', default='data', help='where the datasets live')
+    p.add_argument('--size', default='default', help="sc09-espeak: 'tiny', 'default' or a clip count")
+    p.add_argument('--steps', type=int, default=1000, help='training steps')
+    p.add_argument('--batch', type=int, default=64, help='clips per step')
+    p.add_argument('--lr', type=float, default=3e-3, help='AdamW peak learning rate (warmup, cosine decay)')
+    p.add_argument('--seed', type=int, default=0, help='init, batches and augmentation')
+    p.add_argument('--out', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
     p.set_defaults(run=cmd_train_classifier)
-    p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)')
-    p.add_argument('--samples', required=True)
+    p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)',
+                       formatter_class=data.HelpFormatter)
+    p.add_argument('--samples', required=True, help='a folder of 16 kHz WAVs (sample.py --out)')
     p.add_argument('--checkpoint', default=None, help='train.py run folder or .npz, for the test NLL column')
-    p.add_argument('--classifier', default=None, help='default: DATA_DIR/classifier-DATASET')
-    p.add_argument('--dataset', default='sc09-espeak')
-    p.add_argument('--data-dir', default='data')
-    p.add_argument('--out', default=None, help='JSON path; default SAMPLES/metrics.json')
+    p.add_argument('--classifier', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
+    p.add_argument('--dataset', default='sc09-espeak', help='whose classifier and training statistics')
+    p.add_argument('--data-dir', default='data', help='where the datasets and classifiers live')
+    p.add_argument('--out', default=None, help='JSON path (default: SAMPLES/metrics.json)')
     p.set_defaults(run=cmd_evaluate)
-    p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth) and 4.7 (a in the complex plane)')
+    p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth) and 4.7 (a in the complex plane)',
+                       formatter_class=data.HelpFormatter)
     p.add_argument('--checkpoint', default=None, help="train.py run folder (best.npz, else the newest) or .npz")
     p.add_argument('--init', default=None, metavar='RING', help='instead: a freshly initialised baseline, '
                    'ring small | half | full | circle')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='default: the run folder')
+    p.add_argument('--seed', type=int, default=0, help='init seed of --init')
+    p.add_argument('--out', default=None, help='output folder (default: the run folder)')
     p.set_defaults(run=cmd_figures)
     args = parser.parse_args(argv)
+    for flag in ('steps', 'batch'):
+        if getattr(args, flag, 1) < 1:
+            raise SystemExit(f'error: --{flag} {getattr(args, flag)} must be >= 1')
     args.run(args)
 
 

@@ -66,21 +66,30 @@ def prompt_tokens(path, encoding, length):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a train.py run folder (best.npz, else newest) or .npz")
     parser.add_argument("--n", type=int, default=16, help="clips to write")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="folder for the WAVs, samples.json and spectrograms.png")
     parser.add_argument("--seq-len", type=int, help="tokens per clip (default: the training length)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="sampling randomness")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits before sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                        "whose probability reaches this (1 = no filtering)")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips sampled at once")
     parser.add_argument("--prompt", help="a WAV to continue: its tokens are teacher-forced, then sampling goes on")
     parser.add_argument("--generate", type=int, help="generate this many clips and keep the --n most likely "
                         "(SaShiMi sorts samples by likelihood); default: --n")
     args = parser.parse_args(argv)
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise SystemExit("error: --temperature must be > 0 and --top-p in (0, 1]")
+        raise SystemExit(f"error: --temperature must be > 0 (got {args.temperature}) and --top-p in (0, 1] "
+                         f"(got {args.top_p})")
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} {value} must be >= 1")
+    if args.generate is not None and args.generate < args.n:
+        raise SystemExit(f"error: --generate {args.generate} must be at least --n {args.n}")
+    if args.prompt and not os.path.isfile(args.prompt):
+        raise SystemExit(f"error: --prompt {args.prompt}: no such WAV file")
 
     cfg, params, meta = train.load_model(args.checkpoint)
     encoding, rate = meta["data"]["encoding"], meta["data"]["sample_rate"] or data.SAMPLE_RATE
