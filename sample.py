@@ -65,6 +65,17 @@ def prompt_tokens(path, encoding, length):
     return tokens, len(tokens)
 
 
+def digit_guesses(meta, audio, rate):
+    """(digit word, probability) per clip from the dataset's digit classifier when one has been trained
+    (python metrics.py train-classifier), else None."""
+    folder = os.path.join(meta["train"].get("data_dir", "data"), f"classifier-{meta['data']['name']}")
+    if rate != metrics.SAMPLE_RATE or not os.path.isfile(os.path.join(folder, "params.npz")):
+        return None
+    params, _, _ = metrics.load_classifier(folder)
+    _, probs = metrics.classify(params, metrics.mel_features(audio))
+    return [(data.DIGITS[k], float(p[k])) for k, p in zip(probs.argmax(1), probs)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a train.py run folder (best.npz, else newest) or .npz")
@@ -122,16 +133,22 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     audio = data.decode(tokens[keep], encoding) if encoding != "bytes" else tokens[keep] / 127.5 - 1
-    records = []
+    records, labels = [], []
+    guesses = digit_guesses(meta, audio, rate)
     for j, (i, clip) in enumerate(zip(keep, audio)):
         name = f"sample_{j:03d}.wav"
         data.write_wav(os.path.join(args.out, name), clip, rate)
         records.append({"file": name, "nll_bits": float(nll_bits[i]), "index": int(i)})
+        labels.append(f"#{j}: {nll_bits[i]:.2f} bits/sample")
+        if guesses:
+            records[-1]["digit"], records[-1]["digit_prob"] = guesses[j]
+            labels[-1] += f"\nheard '{guesses[j][0]}' {guesses[j][1]:.0%}"
     with open(os.path.join(args.out, "samples.json"), "w") as f:
         json.dump({"checkpoint": args.checkpoint, "step": meta["step"], "seed": args.seed,
                    "temperature": args.temperature, "top_p": args.top_p, "prompt": args.prompt,
                    "prompt_tokens": prompt_len, "samples": records}, f, indent=1)
-    metrics.write_png(os.path.join(args.out, "spectrograms.png"), metrics.spectrogram_grid(audio, rate))
+    title = f"{len(keep)} samples, step {meta['step']}" + (": NLL, classifier's digit" if guesses else ": NLL")
+    metrics.write_png(os.path.join(args.out, "spectrograms.png"), metrics.figure_spectrograms(audio, rate, labels, title))
     print(f"wrote {len(keep)} WAVs, samples.json (mean NLL {nll_bits[keep].mean():.3f} bits) and "
           f"spectrograms.png to {args.out}")
     return 0
