@@ -28,7 +28,6 @@ per second over the matmul peak. The MLP block has nothing but matmuls, LayerNor
 is what XLA makes of the model's simplest piece over a whole sequence: at 16,000 tokens its arrays
 outgrow the cache (at --quick's 3,200 it is ~1.7x higher).
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -273,9 +272,9 @@ def run_part(name, **kw):
 
 
 def main(argv=None):
-    import data  # its HelpFormatter
+    import data  # its Parser
     import pf  # to check --model before any part runs
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    p = data.Parser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="shorter sequences, no thesis-batch step (a few minutes)")
     p.add_argument("--out", default="bench.json", help="the JSON results file")
     p.add_argument("--data-dir", default="data", help="datasets live here (the data part reads the built-in digits)")

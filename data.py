@@ -863,9 +863,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f'{text} (default: {shown})'
 
 
+class Parser(argparse.ArgumentParser):
+    """The commands' argument parser: HelpFormatter, and a usage error as one line, 'error: ...'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{'formatter_class': HelpFormatter, **kwargs})
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see {self.prog} --help)\n')
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Prepare a dataset (download, build or check it) '
-                                     'and print the number of clips in each split.', formatter_class=HelpFormatter)
+    parser = Parser(description='Prepare a dataset (download, build or check it) '
+                    'and print the number of clips in each split.')
     parser.add_argument('--dataset', required=True, choices=sorted(SEQ_LEN), help='which dataset')
     parser.add_argument('--data-dir', default='data', help='datasets and their .npy cache live here')
     parser.add_argument('--size', default='default', help="sc09-espeak: 'tiny', 'default' or a clip count")

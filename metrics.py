@@ -16,7 +16,6 @@ pretrained ResNeXt; ours is a small ResNet trained here in pure JAX, so absolute
 Notation: N clips, S samples per clip, T frames, M mel bands, C channels, K classes.
 Everything here is NumPy or functional JAX; PNGs are written by a small zlib writer (no plot library).
 """
-import argparse
 import json
 import math
 import os
@@ -1040,10 +1039,9 @@ def cmd_figures(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    parser = data.Parser(description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM',
-                       formatter_class=data.HelpFormatter)
+    p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM')
     p.add_argument('--dataset', default='sc09-espeak', help='a 16 kHz digit dataset: sc09 | sc09-espeak')
     p.add_argument('--data-dir', default='data', help='where the datasets live')
     p.add_argument('--size', default='default', help="sc09-espeak: 'tiny', 'default' or a clip count")
@@ -1053,8 +1051,7 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='init, batches and augmentation')
     p.add_argument('--out', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
     p.set_defaults(run=cmd_train_classifier)
-    p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)',
-                       formatter_class=data.HelpFormatter)
+    p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)')
     p.add_argument('--samples', required=True, help='a folder of 16 kHz WAVs (sample.py --out)')
     p.add_argument('--checkpoint', default=None, help='train.py run folder or .npz, for the test NLL column')
     p.add_argument('--classifier', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
@@ -1063,8 +1060,7 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='JSON path (default: SAMPLES/metrics.json)')
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth), 4.7 (a in the complex plane) and '
-                       'the learning curves (curves.png, from the run\'s log.jsonl)',
-                       formatter_class=data.HelpFormatter)
+                       'the learning curves (curves.png, from the run\'s log.jsonl)')
     p.add_argument('--checkpoint', default=None, help="train.py run folder (best.npz, else the newest) or .npz")
     p.add_argument('--init', default=None, metavar='RING', help='instead: a freshly initialised baseline, '
                    'ring small | half | full | circle')

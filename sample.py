@@ -8,7 +8,6 @@ forward pass costs. (The thesis author's sampler re-evaluated each 160-token seg
 Writes OUT/sample_XXX.wav (16-bit, decoded with the dataset's own encoding), OUT/samples.json
 (each clip's NLL under the model, in bits per generated sample) and OUT/spectrograms.png.
 """
-import argparse
 import json
 import os
 import sys
@@ -68,8 +67,10 @@ def prompt_tokens(path, encoding, length):
 def digit_guesses(meta, audio, rate):
     """(digit word, probability) per clip from the dataset's digit classifier when one has been trained
     (python metrics.py train-classifier), else None."""
-    folder = os.path.join(meta["train"].get("data_dir", "data"), f"classifier-{meta['data']['name']}")
-    if rate != metrics.SAMPLE_RATE or not os.path.isfile(os.path.join(folder, "params.npz")):
+    if "train" not in meta or rate != metrics.SAMPLE_RATE:
+        return None
+    folder = os.path.join(meta["train"]["data_dir"], f"classifier-{meta['data']['name']}")
+    if not os.path.isfile(os.path.join(folder, "params.npz")):
         return None
     params, _, _ = metrics.load_classifier(folder)
     _, probs = metrics.classify(params, metrics.mel_features(audio))
@@ -77,7 +78,7 @@ def digit_guesses(meta, audio, rate):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=data.HelpFormatter)
+    parser = data.Parser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a train.py run folder (best.npz, else newest) or .npz")
     parser.add_argument("--n", type=int, default=16, help="clips to write")
     parser.add_argument("--out", required=True, help="folder for the WAVs, samples.json and spectrograms.png")

@@ -15,6 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 BAD_INPUTS = {  # command: (arguments, words the error line must contain)
     "pf": (["pf.py", "--d-rnn", "100"], ["d_rnn=100", "multiple of 64"]),
+    "pf-choice": (["pf.py", "--norm", "batch"], ["--norm", "'batch'", "'layer', 'rms', 'none'"]),
+    "sample-int": (["sample.py", "--checkpoint", "a", "--out", "b", "--n", "x"], ["--n", "invalid int value: 'x'"]),
     "data": (["data.py", "--dataset", "bytes", "--path", "no/such/file"], ["no/such/file"]),
     "train-pooling": (["train.py", "--pooling", "3", "3", "--layers", "0", "1", "1"], ["16000", "3*3 = 9"]),
     "train-batch": (["train.py", "--batch-size", "0"], ["--batch-size 0", ">= 1"]),

@@ -313,11 +313,11 @@ def interruptible():
 
 
 def parse_args(argv):
-    first = argparse.ArgumentParser(add_help=False)
+    first = data.Parser(add_help=False)
     first.add_argument("--dataset", default=TrainConfig.dataset, choices=sorted(PRESETS))
     dataset = first.parse_known_args(argv)[0].dataset
     model_preset, train_preset = PRESETS[dataset]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.Parser(description=__doc__)
     comments = pf.field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), train_preset.get(f.name, getattr(TrainConfig, f.name))
