@@ -2,7 +2,7 @@
 
     python metrics.py train-classifier --dataset sc09-espeak     # digit classifier -> data/classifier-sc09-espeak/
     python metrics.py evaluate --samples DIR [--checkpoint MODEL] # table 4.5 row: NLL, FID, IS, mIS, AM
-    python metrics.py figures --checkpoint MODEL                  # figures 4.7 and 4.9 as PNG (+ JSON)
+    python metrics.py figures --checkpoint RUN                    # figures 4.7, 4.9 (+ JSON) and curves.png
 
 The perceptual metrics follow SaShiMi's SC09 evaluation (state-spaces/s4, sashimi/sc09_classifier):
 a digit classifier reads a 32 x 32 mel image of each clip; FID compares its penultimate (pooled)
@@ -14,7 +14,8 @@ pretrained ResNeXt; ours is a small ResNet trained here in pure JAX, so absolute
   AM  = KL(p_train(y) || p_gen(y)) + E_x H(p(y|x))
 
 Notation: N clips, S samples per clip, T frames, M mel bands, C channels, K classes.
-Everything here is NumPy or functional JAX; PNGs are written by a small zlib writer (no plot library).
+Everything here is NumPy or functional JAX; figures are drawn here (a 5x7 pixel font, axes, legends)
+and written by a small zlib PNG writer: no plot library.
 """
 import json
 import math
