@@ -30,7 +30,6 @@ per second over the matmul peak. The MLP block has nothing but matmuls, LayerNor
 is what XLA makes of the model's simplest piece over a whole sequence: at 16,000 tokens its arrays
 outgrow the cache (at --quick's 3,200 it is ~1.7x higher).
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -71,7 +70,7 @@ def block_macs(cfg):
     n = r // 2 if cfg.complex_rnn else r
     gate = lambda width: d * width if cfg.gated else 0
     return {"temporal": d * r + 2 * r * n // 32 + r * d + gate(d) + d * d,
-            "attention": d * d + 2 * d * (d // 4) + d * d + gate(d) + d * d,
+            "attention": d * d + 2 * d * (d // 4) + d * d + d * d + gate(d) + d * d,  # q, k v, o, own gate
             "mlp": d * 2 * d + gate(2 * d) + 2 * d * d,
             "pool": 2 * d * (d // cfg.n_groups)}  # down and up, per fine token
 
@@ -360,23 +359,40 @@ def run_part(name, timeout=None, **kw):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short sequences (with --device: a tiny model, for the CPU)")
+    import data  # its Parser
+    import pf  # to check --model before any part runs
+    p = data.Parser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="shorter sequences, no thesis-batch step (a few minutes); "
+                   "with --device: a tiny model, for the CPU")
     p.add_argument("--device", action="store_true", help="the accelerator benchmark: batch 32 x 16,000, "
                    "float32 and bfloat16, scan chunk and remat sweep, pooling speedup, sampler")
     p.add_argument("--budget", type=float, default=480, help="--device: seconds for all parts together")
-    p.add_argument("--dtype", default="float32")  # parts matmul, block, sampler
-    p.add_argument("--n", type=int)  # part matmul: the matrix size
-    p.add_argument("--out", default="bench.json")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--part", choices=sorted(PARTS))  # internal: one part, JSON on stdout
-    p.add_argument("--model", default="{}")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--microbatch", type=int)
-    p.add_argument("--seq-len", type=int, default=16000)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--variants", default="[{}]")  # part train: JSON list, see part_train
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="--part matmul, block, sampler: the compute dtype")
+    p.add_argument("--n", type=int, help="--part matmul: the matrix size (default 2048)")
+    p.add_argument("--out", default="bench.json", help="the JSON results file")
+    p.add_argument("--data-dir", default="data", help="datasets live here (the data part reads the built-in digits)")
+    p.add_argument("--part", choices=sorted(PARTS), help="internal: run one part, JSON on stdout")
+    p.add_argument("--model", default="{}", help="--part: pf.Config changes as JSON, e.g. '{\"d_model\": 64}'")
+    p.add_argument("--batch", type=int, default=1, help="--part: batch size")
+    p.add_argument("--microbatch", type=int, help="--part train: rows per microbatch (default: the whole batch)")
+    p.add_argument("--seq-len", type=int, default=16000, help="--part: tokens per row")
+    p.add_argument("--repeats", type=int, default=2, help="--part: timed repeats (the median is reported)")
+    p.add_argument("--variants", default="[{}]", help="--part train: JSON list, see part_train")
     a = p.parse_args(argv)
+    for flag, text in (("--model", a.model), ("--variants", a.variants)):
+        try:
+            json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"error: {flag} {text!r} is not JSON ({e})")
+    try:
+        cfg = pf.Config(**json.loads(a.model))
+        if min(a.batch, a.seq_len, a.repeats, a.microbatch or 1) < 1:
+            raise ValueError(f"--batch {a.batch}, --seq-len {a.seq_len}, --repeats {a.repeats} and --microbatch "
+                             f"{a.microbatch} must be >= 1")
+        cfg.check_length(a.seq_len)
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid Config fields, bad numbers
+        raise SystemExit(f"error: {e}")
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
         return 0

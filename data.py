@@ -851,15 +851,40 @@ def load(name, data_dir='data', size='default', seq_len=None, path=None):
     return Dataset(name, ENCODING[name], 0 if name == 'bytes' else SAMPLE_RATE, seq_len, **splits)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written and every flag's default after its help (unless the
+    help already says it, the flag is required or its default is None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if '(default' in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        shown = ' '.join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else '%(default)s'
+        return f'{text} (default: {shown})'
+
+
+class Parser(argparse.ArgumentParser):
+    """The commands' argument parser: HelpFormatter, and a usage error as one line, 'error: ...'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{'formatter_class': HelpFormatter, **kwargs})
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see {self.prog} --help)\n')
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='Prepare a dataset (download, build or check it) '
-                                     'and print the number of clips in each split.')
-    parser.add_argument('--dataset', required=True, choices=sorted(SEQ_LEN))
-    parser.add_argument('--data-dir', default='data')
+    parser = Parser(description='Prepare a dataset (download, build or check it) '
+                    'and print the number of clips in each split.')
+    parser.add_argument('--dataset', required=True, choices=sorted(SEQ_LEN), help='which dataset')
+    parser.add_argument('--data-dir', default='data', help='datasets and their .npy cache live here')
     parser.add_argument('--size', default='default', help="sc09-espeak: 'tiny', 'default' or a clip count")
     parser.add_argument('--path', help='the dataset folder (for bytes: the file)')
     parser.add_argument('--seq-len', type=int, help='tokens per row (default: the dataset\'s own)')
     args = parser.parse_args(argv)
+    if args.seq_len is not None and args.seq_len < 1:
+        print(f'error: --seq-len {args.seq_len} must be >= 1', file=sys.stderr)
+        return 1
     try:
         ds = load(args.dataset, args.data_dir, args.size, args.seq_len, args.path)
     except DataError as e:

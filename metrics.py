@@ -2,7 +2,7 @@
 
     python metrics.py train-classifier --dataset sc09-espeak     # digit classifier -> data/classifier-sc09-espeak/
     python metrics.py evaluate --samples DIR [--checkpoint MODEL] # table 4.5 row: NLL, FID, IS, mIS, AM
-    python metrics.py figures --checkpoint MODEL                  # figures 4.7 and 4.9 as PNG (+ JSON)
+    python metrics.py figures --checkpoint RUN                    # figures 4.7, 4.9 (+ JSON) and curves.png
 
 The perceptual metrics follow SaShiMi's SC09 evaluation (state-spaces/s4, sashimi/sc09_classifier):
 a digit classifier reads a 32 x 32 mel image of each clip; FID compares its penultimate (pooled)
@@ -14,9 +14,9 @@ pretrained ResNeXt; ours is a small ResNet trained here in pure JAX, so absolute
   AM  = KL(p_train(y) || p_gen(y)) + E_x H(p(y|x))
 
 Notation: N clips, S samples per clip, T frames, M mel bands, C channels, K classes.
-Everything here is NumPy or functional JAX; PNGs are written by a small zlib writer (no plot library).
+Everything here is NumPy or functional JAX; figures are drawn here (a 5x7 pixel font, axes, legends)
+and written by a small zlib PNG writer: no plot library.
 """
-import argparse
 import json
 import math
 import os
@@ -566,9 +566,9 @@ def colormap(x):
     return np.round(_CMAP[i] * (1 - frac) + _CMAP[i + 1] * frac).astype(np.uint8)
 
 
-def spectrogram_grid(audio, sample_rate, n_mels=48, width=128, gap=2):
-    """A grid of mel spectrograms (dB, 80 dB range, low bands at the bottom), one tile per clip:
-    (N, S) float audio -> uint8 RGB image."""
+def spectrogram_tiles(audio, sample_rate, n_mels=48, width=128):
+    """Mel spectrograms (dB, 80 dB range, high bands on top) as colour tiles: (N, S) float audio ->
+    uint8 (N, M, T, 3), about `width` frames each."""
     audio = np.atleast_2d(np.asarray(audio, np.float32))
     n, s = audio.shape
     hop = max(1, -(-s // width))
@@ -577,7 +577,14 @@ def spectrogram_grid(audio, sample_rate, n_mels=48, width=128, gap=2):
         audio = fit_length(audio, n_fft // 2 + 1)
     tiles = np.asarray(_mel_db_jit(jnp.asarray(audio), sample_rate=int(sample_rate), n_fft=n_fft,
                                    hop=hop, n_mels=n_mels))[:, ::-1, :]     # (N, M, T), high bands on top
-    tiles = colormap((tiles + TOP_DB) / TOP_DB)                           # (N, M, T, 3)
+    return colormap((tiles + TOP_DB) / TOP_DB)                            # (N, M, T, 3)
+
+
+def spectrogram_grid(audio, sample_rate, n_mels=48, width=128, gap=2):
+    """A bare grid of mel spectrogram tiles, one per clip: (N, S) float audio -> uint8 RGB image.
+    figure_spectrograms draws the same tiles with a title, labels, axes and the colour scale."""
+    tiles = spectrogram_tiles(audio, sample_rate, n_mels, width)
+    n = len(tiles)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     th, tw = tiles.shape[1:3]
@@ -588,21 +595,109 @@ def spectrogram_grid(audio, sample_rate, n_mels=48, width=128, gap=2):
     return grid
 
 
-# 3 x 5 pixel digits for tick labels.
-_FONT = {'0': '111101101101111', '1': '010110010010111', '2': '111001111100111', '3': '111001111001111',
-         '4': '101101111001001', '5': '111100111001111', '6': '111100111101111', '7': '111001001001001',
-         '8': '111101111101111', '9': '111101111001111', '.': '000000000000010', '-': '000000111000000'}
+def figure_spectrograms(audio, sample_rate, labels=None, title='Mel spectrograms', n_mels=48, width=128):
+    """Labelled mel spectrograms, one tile per clip: labels[i] (lines split at newline) above tile i;
+    frequency (kHz, mel-spaced) ticks on the left column, time (s) ticks under the bottom row, the dB
+    colour scale at the bottom. (N, S) float audio -> uint8 RGB image."""
+    tiles = spectrogram_tiles(audio, sample_rate, n_mels, width)
+    n, th, tw = tiles.shape[:3]
+    labels = [str(label).split('\n') for label in labels] if labels is not None else [[f'#{i}'] for i in range(n)]
+    label_h = max(len(lines) for lines in labels) * 10 + 2
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    caption = "x: time (s); y: frequency (kHz); colour: dB below the clip's loudest point"
+    left, top = 50, 28
+    cell_w, cell_h = tw + 24, label_h + th + 18  # room for the tick labels between tiles
+    height, width_px = top + rows * cell_h + 40, max(left + cols * cell_w, len(caption) * FONT_W + left + 10)
+    img = np.full((height, width_px, 3), 255, np.uint8)
+    draw_title(img, title)
+    nyquist, seconds = sample_rate / 2, np.atleast_2d(audio).shape[1] / sample_rate
+    top_mel = float(hz_to_mel(nyquist))
+    khz, last_py = [], None  # kHz ticks at least 10 pixels apart
+    for k in (0, 1, 2, 4, 8, 16, 32):
+        py = (th - 1) * float(hz_to_mel(k * 1000)) / top_mel
+        if k * 1000 <= nyquist and (last_py is None or py - last_py >= 10):
+            khz, last_py = khz + [k], py
+    t_ticks = nice_ticks(0, seconds, 3)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x, y = left + c * cell_w, top + r * cell_h
+        for j, line in enumerate(labels[i]):
+            draw_text(img, x, y + 10 * j, line)
+        ty = y + label_h
+        img[ty:ty + th, x:x + tw] = tiles[i]
+        if c == 0:  # frequency ticks: the mel position of each kHz value
+            for k in khz:
+                py = ty + th - 1 - (th - 1) * float(hz_to_mel(k * 1000)) / top_mel
+                draw_line(img, x - 4, py, x - 1, py, (0, 0, 0))
+                draw_text(img, x - 6, py, f'{k}', ha='right', va='center')
+        if r == rows - 1 or i + cols >= n:  # time ticks under the lowest tile of each column
+            for v in t_ticks:
+                px = x + (tw - 1) * v / seconds
+                draw_line(img, px, ty + th, px, ty + th + 3, (0, 0, 0))
+                draw_text(img, px, ty + th + 5, tick_label(v, t_ticks), ha='center')
+    draw_text(img, 8, top + rows * cell_h / 2, 'frequency (kHz, mel scale)', va='center', ha='left', vertical=True)
+    by = height - 24
+    draw_text(img, left, by - 12, caption)
+    bar_x = left + 9 * FONT_W
+    draw_text(img, left, by + 4, '-80 dB', va='center')
+    for i in range(160):
+        img[by:by + 9, bar_x + i] = colormap(i / 159)
+    draw_text(img, bar_x + 166, by + 4, '0 dB', va='center')
+    return img
 
 
-def draw_text(img, x, y, text, color=(0, 0, 0), scale=2):
-    """Draw digits, '.' and '-' with their top-left corner at (x, y)."""
-    for ch in text:
-        glyph = np.array([int(b) for b in _FONT[ch]], bool).reshape(5, 3)
-        glyph = np.kron(glyph, np.ones((scale, scale), bool))
-        ys, xs = np.nonzero(glyph)
-        ok = (y + ys < img.shape[0]) & (x + xs < img.shape[1]) & (y + ys >= 0) & (x + xs >= 0)
-        img[y + ys[ok], x + xs[ok]] = color
-        x += 4 * scale
+# A 5 x 7 pixel font for printable ASCII: each glyph is 7 rows of 5 bits (bit 4 = leftmost pixel),
+# two hex digits a row. Drawn for this file, in the style of the classic 5 x 7 character LCD fonts.
+_GLYPHS = {
+    ' ': '00000000000000', '!': '04040404000004', '"': '0A0A0A00000000', '#': '0A0A1F0A1F0A0A',
+    '$': '040F140E051E04', '%': '18190204081303', '&': '0C12140815120D', "'": '0C040800000000',
+    '(': '02040808080402', ')': '08040202020408', '*': '0004150E150400', '+': '0004041F040400',
+    ',': '000000000C0408', '-': '0000001F000000', '.': '00000000000C0C', '/': '00010204081000',
+    '0': '0E11131519110E', '1': '040C040404040E', '2': '0E11010204081F', '3': '1F02040201110E',
+    '4': '02060A121F0202', '5': '1F101E0101110E', '6': '0608101E11110E', '7': '1F010204080808',
+    '8': '0E11110E11110E', '9': '0E11110F01020C', ':': '000C0C000C0C00', ';': '000C0C000C0408',
+    '<': '02040810080402', '=': '00001F001F0000', '>': '08040201020408', '?': '0E110102040004',
+    '@': '0E11010D15150E', 'A': '0E1111111F1111', 'B': '1E11111E11111E', 'C': '0E11101010110E',
+    'D': '1C12111111121C', 'E': '1F10101E10101F', 'F': '1F10101E101010', 'G': '0E11101711110F',
+    'H': '1111111F111111', 'I': '0E04040404040E', 'J': '0702020202120C', 'K': '11121418141211',
+    'L': '1010101010101F', 'M': '111B1515111111', 'N': '11111915131111', 'O': '0E11111111110E',
+    'P': '1E11111E101010', 'Q': '0E11111115120D', 'R': '1E11111E141211', 'S': '0F10100E01011E',
+    'T': '1F040404040404', 'U': '1111111111110E', 'V': '11111111110A04', 'W': '1111111515150A',
+    'X': '11110A040A1111', 'Y': '1111110A040404', 'Z': '1F01020408101F', '[': '0E08080808080E',
+    '\\': '00100804020100', ']': '0E02020202020E', '^': '040A1100000000', '_': '0000000000001F',
+    '`': '08040200000000', 'a': '00000E010F110F', 'b': '1010161911111E', 'c': '00000E1010110E',
+    'd': '01010D1311110F', 'e': '00000E111F100E', 'f': '0609081C080808', 'g': '000F11110F010E',
+    'h': '10101619111111', 'i': '04000C0404040E', 'j': '0200060202120C', 'k': '10101214181412',
+    'l': '0C04040404040E', 'm': '00001A15151111', 'n': '00001619111111', 'o': '00000E1111110E',
+    'p': '00001E111E1010', 'q': '00000D130F0101', 'r': '00001619101010', 's': '00000E100E011E',
+    't': '08081C08080906', 'u': '0000111111130D', 'v': '00001111110A04', 'w': '0000111115150A',
+    'x': '0000110A040A11', 'y': '000011110F010E', 'z': '00001F0204081F', '{': '02040408040402',
+    '|': '04040404040404', '}': '08040402040408', '~': '00000815020000',
+}
+FONT_W, FONT_H = 6, 7  # advance (5 pixels and a space) and height of a character at scale 1
+
+
+def text_mask(text, scale=1):
+    """A line of text -> bool (7 scale, 6 scale len(text)) pixels; other characters draw as '?'."""
+    mask = np.zeros((FONT_H, FONT_W * len(text)), bool)
+    for i, ch in enumerate(text):
+        rows = np.frombuffer(bytes.fromhex(_GLYPHS.get(ch, _GLYPHS['?'])), np.uint8)  # (7,)
+        mask[:, FONT_W * i:FONT_W * i + 5] = (rows[:, None] >> np.arange(4, -1, -1)) & 1
+    return np.kron(mask, np.ones((scale, scale), bool))
+
+
+def draw_text(img, x, y, text, color=(0, 0, 0), scale=1, ha='left', va='top', vertical=False):
+    """Draw text at (x, y): ha left | center | right, va top | center | bottom say which point of the
+    text's box (x, y) is. vertical: rotated a quarter turn, read bottom to top (a y-axis label)."""
+    mask = text_mask(text, scale)
+    mask = np.rot90(mask) if vertical else mask
+    h, w = mask.shape
+    x = int(round(x - {'left': 0, 'center': w / 2, 'right': w}[ha]))
+    y = int(round(y - {'top': 0, 'center': h / 2, 'bottom': h}[va]))
+    ys, xs = np.nonzero(mask)
+    ok = (y + ys >= 0) & (y + ys < img.shape[0]) & (x + xs >= 0) & (x + xs < img.shape[1])
+    img[y + ys[ok], x + xs[ok]] = color
 
 
 def draw_dots(img, xs, ys, color, radius=1):
@@ -619,6 +714,111 @@ def draw_dots(img, xs, ys, color, radius=1):
 def draw_line(img, x0, y0, x1, y1, color, radius=0):
     n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
     draw_dots(img, np.linspace(x0, x1, n), np.linspace(y0, y1, n), color, radius)
+
+
+def draw_box(img, x0, y0, x1, y1, color=(0, 0, 0), fill=None):
+    if fill is not None:
+        img[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = fill
+    for edge in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
+        draw_line(img, *edge, color)
+
+
+def nice_ticks(lo, hi, n=6, integer=False):
+    """About n round values in [lo, hi]: steps of 1, 2, 2.5 or 5 x 10^k (no 2.5 for integer ticks)."""
+    hi = hi if hi > lo else lo + 1
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = max(next(m * mag for m in steps if m * mag >= raw * (1 - 1e-9)), 1 if integer else 0)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def tick_label(value, ticks):
+    """A tick value with as many decimals as the tick step needs: 0.95, 1000, 2.5."""
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / 10 ** math.floor(
+        math.log10(step) + 1e-9), 6) == 2.5 else 0)
+    return f'{value:.{decimals}f}'
+
+
+def draw_axes(img, box, xlim, ylim, xlabel, ylabel, integer_x=False, xticks=None, yticks=None):
+    """A frame at box = (x0, y0, x1, y1) pixels (y0 on top) with grid lines, labelled ticks and axis
+    labels; -> (to_x, to_y), data -> pixel coordinates."""
+    x0, y0, x1, y1 = box
+    to_x = lambda v: x0 + (x1 - x0) * (np.asarray(v, np.float64) - xlim[0]) / (xlim[1] - xlim[0])
+    to_y = lambda v: y1 - (y1 - y0) * (np.asarray(v, np.float64) - ylim[0]) / (ylim[1] - ylim[0])
+    xticks = nice_ticks(*xlim, integer=integer_x) if xticks is None else xticks
+    yticks = nice_ticks(*ylim) if yticks is None else yticks
+    for v in yticks:
+        y = float(to_y(v))
+        draw_line(img, x0, y, x1, y, (228, 228, 228))
+        draw_line(img, x0 - 4, y, x0, y, (0, 0, 0))
+        draw_text(img, x0 - 7, y, tick_label(v, yticks), ha='right', va='center')
+    for v in xticks:
+        x = float(to_x(v))
+        draw_line(img, x, y0, x, y1, (228, 228, 228))
+        draw_line(img, x, y1, x, y1 + 4, (0, 0, 0))
+        draw_text(img, x, y1 + 7, tick_label(v, xticks), ha='center')
+    draw_box(img, x0, y0, x1, y1)
+    draw_text(img, (x0 + x1) / 2, y1 + 20, xlabel, ha='center')
+    width = max(len(tick_label(v, yticks)) for v in yticks) * FONT_W
+    draw_text(img, x0 - width - 20, (y0 + y1) / 2, ylabel, ha='left', va='center', vertical=True)
+    return to_x, to_y
+
+
+def draw_title(img, text, y=6):
+    """A title centred at the top, at double size when it fits."""
+    scale = 2 if len(text) * FONT_W * 2 < img.shape[1] - 8 else 1
+    draw_text(img, img.shape[1] / 2, y, text, scale=scale, ha='center')
+
+
+def draw_legend(img, x, y, entries):
+    """A boxed legend with its top-right corner at (x, y): entries (label, colour, 'line' or 'dots')."""
+    w = max(len(label) for label, _, _ in entries) * FONT_W + 34
+    h = len(entries) * 12 + 6
+    draw_box(img, x - w, y, x, y + h, (160, 160, 160), fill=(255, 255, 255))
+    for i, (label, color, kind) in enumerate(entries):
+        cy = y + 9 + 12 * i
+        if kind == 'dots':
+            draw_dots(img, np.array([x - w + 14.0]), np.array([cy]), color, radius=2)
+        else:
+            draw_line(img, x - w + 6, cy, x - w + 22, cy, color, radius=1)
+        draw_text(img, x - w + 28, cy, label, va='center')
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]  # per series
+
+
+def line_plot(series, title, xlabel, ylabel, size=(360, 600), xlim=None, ylim=None, integer_x=False):
+    """A titled plot of series [{'label', 'x', 'y', optional 'color' and 'style': line | dots |
+    line+dots}], axes labelled, ticks labelled, a legend when there is more than one series.
+    -> uint8 RGB (H, W, 3)."""
+    h, w = size
+    img = np.full((h, w, 3), 255, np.uint8)
+    draw_title(img, title)
+    xs = np.concatenate([np.asarray(s['x'], np.float64) for s in series])
+    ys = np.concatenate([np.asarray(s['y'], np.float64) for s in series])
+    ys = ys[np.isfinite(ys)]
+    xlim = xlim or (float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1)
+    if ylim is None:
+        pad = 0.05 * (ys.max() - ys.min()) if len(ys) and ys.max() > ys.min() else 0.5
+        ylim = (float(ys.min()) - pad, float(ys.max()) + pad) if len(ys) else (0.0, 1.0)
+    yticks = nice_ticks(*ylim)
+    left = max(len(tick_label(v, yticks)) for v in yticks) * FONT_W + 30
+    to_x, to_y = draw_axes(img, (left, 34, w - 16, h - 40), xlim, ylim, xlabel, ylabel, integer_x)
+    for i, s in enumerate(series):
+        color, style = s.get('color', COLORS[i % len(COLORS)]), s.get('style', 'line')
+        px, py = to_x(s['x']), to_y(s['y'])
+        if 'line' in style:
+            for j in range(len(px) - 1):
+                draw_line(img, px[j], py[j], px[j + 1], py[j + 1], color, radius=1)
+        if 'dots' in style:
+            draw_dots(img, px, py, color, radius=3)
+    if len(series) > 1:
+        draw_legend(img, w - 22, 40, [(s['label'], s.get('color', COLORS[i % len(COLORS)]),
+                                       'dots' if s.get('style') == 'dots' else 'line') for i, s in enumerate(series)])
+    return img
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,51 +859,64 @@ def rglru_a_values(params):
     return found
 
 
-def figure_mean_abs_a(a_values, size=(320, 560), margin=50):
+def figure_mean_abs_a(a_values, size=(360, 600)):
     """Figure 4.9: mean |a| of each RG-LRU layer (x: depth, first layer left; y: mean |a|)."""
-    h, w = size
     means = np.array([np.abs(a).mean() for _, a in a_values])
     lo = min(0.9, math.floor(means.min() * 10) / 10) if len(means) else 0.0
-    img = np.full((h, w, 3), 255, np.uint8)
-    x0, x1, y0, y1 = margin, w - 20, 20, h - margin              # plot area (y0 top)
-    to_x = lambda i: x0 + (x1 - x0) * (i / max(len(means) - 1, 1))
-    to_y = lambda v: y1 - (y1 - y0) * (v - lo) / (1.0 - lo)
-    for v in np.linspace(lo, 1.0, 5):                             # grid and y tick labels
-        draw_line(img, x0, to_y(v), x1, to_y(v), (225, 225, 225))
-        draw_text(img, 4, int(to_y(v)) - 5, f'{v:.3f}'[:5])
-    for edge in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
-        draw_line(img, *edge, (0, 0, 0))
-    for i in range(len(means)):                                   # x ticks: layer index
-        if i % max(1, len(means) // 12) == 0 or i == len(means) - 1:
-            draw_line(img, to_x(i), y1, to_x(i), y1 + 4, (0, 0, 0))
-            draw_text(img, int(to_x(i)) - 4, y1 + 8, str(i))
-    xs, ys = to_x(np.arange(len(means))), to_y(means)
-    for i in range(len(means) - 1):
-        draw_line(img, xs[i], ys[i], xs[i + 1], ys[i + 1], (31, 119, 180))
-    draw_dots(img, xs, ys, (31, 119, 180), radius=3)
+    img = line_plot([{'label': 'mean |a|', 'x': np.arange(len(means)), 'y': means, 'style': 'line+dots'}],
+                    'Fig. 4.9: mean |a| of each RG-LRU layer', 'RG-LRU layer, in network order (0 = first)',
+                    'mean |a| over the layer\'s channels', size, xlim=(-0.5, max(len(means) - 0.5, 0.5)),
+                    ylim=(lo, 1.0), integer_x=True)
     return img, {'layers': [p for p, _ in a_values], 'mean_abs_a': means.tolist(), 'y_range': [lo, 1.0]}
 
 
+def depth_color(t):
+    """Blue (first layer, t = 0) to red (last layer, t = 1)."""
+    return np.round(np.array([214, 39, 40]) * t + np.array([31, 119, 180]) * (1 - t)).astype(np.uint8)
+
+
 def figure_complex_plane(a_values, size=480, lim=1.1):
-    """Figure 4.7: every a in the complex plane, unit circle drawn; colour goes from blue (first
-    layer) to red (last)."""
+    """Figure 4.7: every a in the complex plane with the unit circle; colour goes from blue (first
+    layer) to red (last), as the legend under the plot shows."""
     img = np.full((size, size, 3), 255, np.uint8)
-    to_px = lambda v: (v + lim) / (2 * lim) * (size - 1)
-    draw_line(img, to_px(-lim), to_px(0), to_px(lim), to_px(0), (200, 200, 200))
-    draw_line(img, to_px(0), to_px(-lim), to_px(0), to_px(lim), (200, 200, 200))
+    draw_title(img, 'Fig. 4.7: a of every RG-LRU channel')
+    side = size - 130
+    x0, y0 = 66, 32
+    to_x, to_y = draw_axes(img, (x0, y0, x0 + side, y0 + side), (-lim, lim), (-lim, lim), 'Re a', 'Im a',
+                           xticks=[-1, -0.5, 0, 0.5, 1], yticks=[-1, -0.5, 0, 0.5, 1])
     phi = np.linspace(0, 2 * np.pi, 4 * size)
-    draw_dots(img, to_px(np.cos(phi)), to_px(np.sin(phi)), (0, 0, 0), radius=0)
-    for edge in ((0, 0, size - 1, 0), (0, size - 1, size - 1, size - 1), (0, 0, 0, size - 1),
-                 (size - 1, 0, size - 1, size - 1)):
-        draw_line(img, *edge, (0, 0, 0))
+    draw_dots(img, to_x(np.cos(phi)), to_y(np.sin(phi)), (0, 0, 0), radius=0)
     n = len(a_values)
     for depth, (_, a) in enumerate(a_values):
-        t = depth / max(n - 1, 1)
-        color = np.round(np.array([214, 39, 40]) * t + np.array([31, 119, 180]) * (1 - t))
         a = np.ravel(a)
-        draw_dots(img, to_px(a.real), to_px(-a.imag), color, radius=1)   # imaginary axis up
+        draw_dots(img, to_x(a.real), to_y(a.imag), depth_color(depth / max(n - 1, 1)), radius=1)
+    # legend: the colour scale of depth, and the circle
+    ly = y0 + side + 38
+    draw_text(img, x0, ly, 'colour = layer:', va='center')
+    bar = x0 + 16 * FONT_W
+    draw_text(img, bar, ly, 'first', va='center')
+    for i in range(100):
+        img[ly - 4:ly + 5, bar + 36 + i] = depth_color(i / 99)
+    draw_text(img, bar + 142, ly, f'last ({n} layers)', va='center')
+    draw_line(img, x0, ly + 16, x0 + 16, ly + 16, (0, 0, 0))
+    draw_text(img, x0 + 22, ly + 16, 'unit circle, |a| = 1', va='center')
     return img, {'layers': [p for p, _ in a_values], 'real': [np.ravel(a).real.tolist() for _, a in a_values],
                  'imag': [np.ravel(a).imag.tolist() for _, a in a_values], 'limits': [-lim, lim]}
+
+
+def figure_curves(records, title='Learning curves'):
+    """Training loss and validation / test NLL (bits per sample) against the step, from a train.py
+    log.jsonl's records."""
+    series = []
+    for key, label in (('loss_bits', 'training loss (batch)'), ('val_nll_bits', 'validation NLL (EMA)'),
+                       ('test_nll_bits', 'test NLL (EMA)')):
+        points = [(r['step'], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            x, y = np.array(points, np.float64).T
+            series.append({'label': label, 'x': x, 'y': y, 'style': 'line' if key == 'loss_bits' else 'line+dots'})
+    if not series:
+        raise ValueError('no loss_bits, val_nll_bits or test_nll_bits records')
+    return line_plot(series, title, 'training step', 'bits per sample')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,9 +931,13 @@ def _split_audio(split, encoding):
 def cmd_train_classifier(args):
     """Train the digit classifier on the dataset's training split. It sees the 8-bit audio decoded
     from the tokens (data.decode), the same kind of audio the generative model produces."""
-    ds = data.load(args.dataset, data_dir=args.data_dir, size=args.size)  # before any JAX computation
+    try:
+        ds = data.load(args.dataset, data_dir=args.data_dir, size=args.size)  # before any JAX computation
+    except data.DataError as e:
+        raise SystemExit(f'error: {e}')
     if ds.sample_rate != SAMPLE_RATE:
-        raise SystemExit(f'{args.dataset}: {ds.sample_rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
+        raise SystemExit(f'error: --dataset {args.dataset}: {ds.sample_rate} Hz, the classifier needs {SAMPLE_RATE} Hz '
+                         f'(sc09 or sc09-espeak)')
     out = args.out or os.path.join(args.data_dir, f'classifier-{args.dataset}')
     train_audio = _split_audio(ds.train, ds.encoding)
     val_images = mel_features(_split_audio(ds.validation, ds.encoding))
@@ -754,16 +971,25 @@ def cmd_train_classifier(args):
 
 
 def cmd_evaluate(args):
-    cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
-    params, config, stats = load_classifier(cdir)
+    if not os.path.isdir(args.samples):
+        raise SystemExit(f'error: --samples {args.samples}: no such folder (sample.py --out writes one)')
     paths = sorted(os.path.join(args.samples, f) for f in os.listdir(args.samples) if f.lower().endswith('.wav'))
     if len(paths) < 2:
-        raise SystemExit(f'{args.samples}: need at least 2 .wav files, found {len(paths)}')
+        raise SystemExit(f'error: --samples {args.samples}: need at least 2 .wav files, found {len(paths)}')
+    cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
+    missing = [f for f in ('params.npz', 'config.json', 'train_stats.npz') if not os.path.isfile(os.path.join(cdir, f))]
+    if missing:
+        raise SystemExit(f'error: no digit classifier in {cdir} (missing {", ".join(missing)}); train one first: '
+                         f'python metrics.py train-classifier --dataset {args.dataset} --data-dir {args.data_dir}')
+    params, config, stats = load_classifier(cdir)
     clips = []
     for p in paths:
-        audio, rate = data.read_wav(p)
+        try:
+            audio, rate = data.read_wav(p)
+        except data.WavError as e:
+            raise SystemExit(f'error: {e}')
         if rate != SAMPLE_RATE:
-            raise SystemExit(f'{p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
+            raise SystemExit(f'error: {p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
         clips.append(fit_length(np.asarray(audio, np.float32).reshape(1, -1))[0])
     result = scores(params, stats, np.stack(clips))
     result['nll'] = model_test_nll(args.checkpoint, args.dtype) if args.checkpoint else None
@@ -783,6 +1009,8 @@ def cmd_evaluate(args):
 def cmd_figures(args):
     if args.init:  # a freshly initialised baseline model (thesis Figure 4.7, left column)
         import pf  # only this option needs the model code
+        if args.init not in pf.RINGS:
+            raise SystemExit(f'error: --init {args.init} is not a ring: {" | ".join(pf.RINGS)}')
         params, source = pf.init(jax.random.key(args.seed), pf.Config(ring=args.init)), f'init ring={args.init}'
         out = args.out or os.path.join('runs', f'figures-init-{args.init}')
     elif args.checkpoint:
@@ -790,52 +1018,62 @@ def cmd_figures(args):
         source = f'{args.checkpoint} (EMA weights, step {meta.get("step")})'
         out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
     else:
-        raise SystemExit('figures: give --checkpoint RUN or --init RING')
+        raise SystemExit('error: figures: give --checkpoint RUN or --init RING')
     a_values = rglru_a_values(params)
     if not a_values:
-        raise SystemExit(f'{source}: no RG-LRU parameters (no key lambda_)')
+        raise SystemExit(f'error: {source}: no RG-LRU parameters (no key lambda_)')
     os.makedirs(out, exist_ok=True)
     for name, draw in (('fig4_9_mean_abs_a', figure_mean_abs_a), ('fig4_7_a_complex_plane', figure_complex_plane)):
         img, numbers = draw(a_values)
         write_png(os.path.join(out, name + '.png'), img)
         save_json(os.path.join(out, name + '.json'), {'source': source, **numbers})
         print(f'wrote {os.path.join(out, name)}.png / .json')
+    log = os.path.join(args.checkpoint, 'log.jsonl') if args.checkpoint and os.path.isdir(args.checkpoint) else None
+    if log and os.path.isfile(log):  # the run's learning curves
+        with open(log) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        write_png(os.path.join(out, 'curves.png'), figure_curves(records, f'Learning curves: {args.checkpoint}'))
+        print(f'wrote {os.path.join(out, "curves.png")}')
     means = [float(np.abs(a).mean()) for _, a in a_values]
     print(f'{len(a_values)} RG-LRU layers; mean |a| first {means[0]:.4f}, last {means[-1]:.4f}, '
           f'max {max(means):.4f} (layer {int(np.argmax(means))})')
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.Parser(description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM')
-    p.add_argument('--dataset', default='sc09-espeak')
-    p.add_argument('--data-dir', default='data')
-    p.add_argument('--size', default='default')
-    p.add_argument('--steps', type=int, default=1000)
-    p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--lr', type=float, default=3e-3)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='default: DATA_DIR/classifier-DATASET')
+    p.add_argument('--dataset', default='sc09-espeak', help='a 16 kHz digit dataset: sc09 | sc09-espeak')
+    p.add_argument('--data-dir', default='data', help='where the datasets live')
+    p.add_argument('--size', default='default', help="sc09-espeak: 'tiny', 'default' or a clip count")
+    p.add_argument('--steps', type=int, default=1000, help='training steps')
+    p.add_argument('--batch', type=int, default=64, help='clips per step')
+    p.add_argument('--lr', type=float, default=3e-3, help='AdamW peak learning rate (warmup, cosine decay)')
+    p.add_argument('--seed', type=int, default=0, help='init, batches and augmentation')
+    p.add_argument('--out', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
     p.set_defaults(run=cmd_train_classifier)
     p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)')
-    p.add_argument('--samples', required=True)
+    p.add_argument('--samples', required=True, help='a folder of 16 kHz WAVs (sample.py --out)')
     p.add_argument('--checkpoint', default=None, help='train.py run folder or .npz, for the test NLL column')
-    p.add_argument('--classifier', default=None, help='default: DATA_DIR/classifier-DATASET')
-    p.add_argument('--dataset', default='sc09-espeak')
-    p.add_argument('--data-dir', default='data')
-    p.add_argument('--out', default=None, help='JSON path; default SAMPLES/metrics.json')
+    p.add_argument('--classifier', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
+    p.add_argument('--dataset', default='sc09-espeak', help='whose classifier and training statistics')
+    p.add_argument('--data-dir', default='data', help='where the datasets and classifiers live')
+    p.add_argument('--out', default=None, help='JSON path (default: SAMPLES/metrics.json)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='compute dtype of the test NLL column (as train.py --dtype)')
     p.set_defaults(run=cmd_evaluate)
-    p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth) and 4.7 (a in the complex plane)')
+    p = sub.add_parser('figures', help='figures 4.9 (mean |a| along depth), 4.7 (a in the complex plane) and '
+                       'the learning curves (curves.png, from the run\'s log.jsonl)')
     p.add_argument('--checkpoint', default=None, help="train.py run folder (best.npz, else the newest) or .npz")
     p.add_argument('--init', default=None, metavar='RING', help='instead: a freshly initialised baseline, '
                    'ring small | half | full | circle')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='default: the run folder')
+    p.add_argument('--seed', type=int, default=0, help='init seed of --init')
+    p.add_argument('--out', default=None, help='output folder (default: the run folder)')
     p.set_defaults(run=cmd_figures)
     args = parser.parse_args(argv)
+    for flag in ('steps', 'batch'):
+        if getattr(args, flag, 1) < 1:
+            raise SystemExit(f'error: --{flag} {getattr(args, flag)} must be >= 1')
     args.run(args)
 
 

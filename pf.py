@@ -20,7 +20,11 @@ Tiers, bottom-up: scan math -> layers (dense, norms, RG-LRU, attention, pooling)
 """
 import argparse
 import dataclasses
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 from dataclasses import dataclass
 
 import jax
@@ -32,6 +36,7 @@ SILENCE = 128  # token of x = 0 under both 8-bit encodings; the input at positio
 C = 8.0  # RG-LRU: log a_t = C r_t log sigmoid(Lambda) + ... (Griffin fixes c = 8)
 GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R = 256)
 HEADS = 4  # multi-query attention heads (deepest-level ablation)
+ROPE_WAVELENGTH = 32000.0  # rotary embeddings' longest wavelength: the author's models/attention/modules.py
 SCAN_CHUNK = 64  # scan_associative: steps per chunk (flat from 16 to 250 on this CPU)
 REMAT_POLICY = None  # jax.checkpoint policy of every ResBlock; None: save its input only (bench.py tries others)
 SQRT_MAX_GRAD = 200.0  # bound on d sqrt(x)/dx near x = 0 (the author's value)
@@ -58,8 +63,8 @@ class Config:
 
     pooling: tuple[int, ...] = (2, 4, 4, 5)  # F_1..F_n: level k has F_1*..*F_k times fewer tokens
     layers: tuple[int, ...] = (4, 4, 4, 4, 4)  # l_1..l_(n+1): layers before (and after) each pooling; last = deepest
-    d_model: int = 128  # D
-    d_rnn: int = 256  # R
+    d_model: int = 128  # D, the model width
+    d_rnn: int = 256  # R, the RG-LRU width
     complex_rnn: bool = True  # complex a = sigmoid(Lambda) e^(i theta), else real a = sigmoid(Lambda)
     ring: str = "small"  # initialisation of a: small | half | full | circle (sec. 4.4)
     norm: str = "layer"  # ResBlock pre-norm: layer | rms | none
@@ -70,8 +75,8 @@ class Config:
     placement: str = "around"  # around: l_k layers before and after pooling; after: all 2 l_k after
     deepest: str = "rglru"  # temporal mixing at the deepest level: rglru | attention (4-head MQA)
     embedding: str = "sinusoidal"  # token embedding: sinusoidal | linear | learned
-    dropout: float = 0.2
-    vocab: int = 256  # V
+    dropout: float = 0.2  # dropout rate on every ResBlock's output
+    vocab: int = 256  # V, token values (8-bit audio: 256)
 
     def __post_init__(self):
         object.__setattr__(self, "pooling", tuple(int(f) for f in self.pooling))
@@ -198,12 +203,13 @@ def normal_init(key, shape, n_in, scale=1.0):
     return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
 
 
-def dense_init(key, n_in, n_out, scale=1.0):
-    return {"w": normal_init(key, (n_in, n_out), n_in, scale), "b": jnp.zeros(n_out)}
+def dense_init(key, n_in, n_out, scale=1.0, bias=True):
+    w = normal_init(key, (n_in, n_out), n_in, scale)
+    return {"w": w, "b": jnp.zeros(n_out)} if bias else {"w": w}
 
 
 def dense(p, x):
-    return x @ p["w"] + p["b"]
+    return x @ p["w"] + p.get("b", 0.0)  # no "b": a bias-free projection
 
 
 def norm_init(d, kind):
@@ -255,9 +261,14 @@ def embedding(p, q, cfg):
 
 
 def block_diagonal_init(key, n_in, n_out):
-    """GATE_BLOCKS diagonal blocks of (n_in/32 -> n_out/32), LeCun normal per block, zero bias."""
+    """GATE_BLOCKS diagonal blocks of (n_in/32 -> n_out/32) plus a bias, both drawn as the author's
+    BlockDiagonalLinear draws them: flax's variance_scaling(1, "fan_in", "truncated_normal") counts
+    fan-in over every axis but the last, so W (32, n_in/32, n_out/32) has fan-in n_in (std 1/16 at
+    R = 256) and b (32, n_out/32) fan-in 32 (std ~0.18). b is stored flat, (n_out,)."""
+    k_w, k_b = jax.random.split(key)
     shape = (GATE_BLOCKS, n_in // GATE_BLOCKS, n_out // GATE_BLOCKS)
-    return {"w": normal_init(key, shape, shape[1]), "b": jnp.zeros(n_out)}
+    b = normal_init(k_b, (GATE_BLOCKS, n_out // GATE_BLOCKS), GATE_BLOCKS)
+    return {"w": normal_init(k_w, shape, n_in), "b": b.reshape(n_out)}
 
 
 def block_diagonal(p, x):
@@ -318,23 +329,39 @@ def rglru_step(p, h, x, complex_rnn):
     return rnn_output(h).astype(x.dtype), h
 
 
+def rope(x, pos):
+    """Rotary position embedding as the author's code applies it (recurrentgemma's apply_rope): the
+    first half of each head's dims is rotated in pairs (i, i + half/2) by pos / ROPE_WAVELENGTH^(2i/half),
+    the second half passes unchanged. x (..., Dh) with pos broadcasting against x[..., 0]."""
+    x_rope, x_pass = jnp.split(x, 2, -1)
+    quarter = x_rope.shape[-1] // 2
+    inv_freq = ROPE_WAVELENGTH ** (-2.0 * jnp.arange(quarter) / x_rope.shape[-1])  # (Dh/4,)
+    angle = jnp.asarray(pos, jnp.float32)[..., None] * inv_freq
+    first, second = jnp.split(x_rope, 2, -1)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin, x_pass], -1)
+
+
 def attention_init(key, d):
-    """Multi-query attention: HEADS query heads, one shared key and value head (dim D/HEADS)."""
+    """Multi-query attention (the author's LocalAttentionBlock): HEADS query heads, one shared key and
+    one shared value head (dim D/HEADS), all three bias-free; the output projection has a bias."""
     kq, kk, kv, ko = jax.random.split(key, 4)
     dh = d // HEADS
-    return {"q": dense_init(kq, d, d), "k": dense_init(kk, d, dh), "v": dense_init(kv, d, dh),
-            "o": dense_init(ko, d, d)}
+    return {"q": dense_init(kq, d, d, bias=False), "k": dense_init(kk, d, dh, bias=False),
+            "v": dense_init(kv, d, dh, bias=False), "o": dense_init(ko, d, d)}
 
 
-def attention_qkv(p, y):
+def attention_qkv(p, y, pos):
+    """y (..., D) at positions pos -> rotated, scaled queries (..., H, Dh), rotated keys and values (..., Dh)."""
     q = rearrange(dense(p["q"], y), "... (h d) -> ... h d", h=HEADS)  # (..., H, D/H)
-    return q / math.sqrt(q.shape[-1]), dense(p["k"], y), dense(p["v"], y)
+    q = rope(q, pos[..., None]) / math.sqrt(q.shape[-1])  # the same rotation for every head
+    return q, rope(dense(p["k"], y), pos), dense(p["v"], y)
 
 
 def attention(p, y):
-    """Causal multi-query attention over S: y (S, B, D) -> (S, B, D). No positional encoding: the
-    deepest level's inputs were already mixed by RG-LRU layers above it (our choice; the thesis is silent)."""
-    q, k, v = attention_qkv(p, y)  # (S, B, H, Dh), (S, B, Dh), (S, B, Dh)
+    """Causal multi-query attention over S with rotary positions 0..S-1: y (S, B, D) -> (S, B, D)."""
+    pos = jnp.arange(y.shape[0])[:, None]  # (S, 1): broadcasts over B
+    q, k, v = attention_qkv(p, y, pos)  # (S, B, H, Dh), (S, B, Dh), (S, B, Dh)
     s = jnp.einsum("sbhd,tbd->bhst", q, k)
     causal = jnp.tril(jnp.ones((y.shape[0], y.shape[0]), bool))
     s = jnp.where(causal, s, -jnp.inf)
@@ -344,7 +371,7 @@ def attention(p, y):
 
 def attention_step(p, cache, y, pos):
     """One token at position pos: y (B, D); cache k, v (S_max, B, Dh) -> (out (B, D), cache)."""
-    q, k, v = attention_qkv(p, y)
+    q, k, v = attention_qkv(p, y, jnp.broadcast_to(pos, y.shape[:1]))
     ks = jax.lax.dynamic_update_index_in_dim(cache["k"], k, pos, 0)
     vs = jax.lax.dynamic_update_index_in_dim(cache["v"], v, pos, 0)
     s = jnp.einsum("bhd,tbd->bht", q, ks)
@@ -401,8 +428,8 @@ def res_block_init(key, cfg, kind, scale):
     k1, k2, k3, k4 = jax.random.split(key, 4)
     if kind == "mlp":
         width, branch = 2 * d, {"dense": dense_init(k1, d, 2 * d)}
-    elif kind == "attention":
-        width, branch = d, {"attention": attention_init(k1, d)}
+    elif kind == "attention":  # the author's AttentionBlock: attention, then its own gelu gate
+        width, branch = d, {"attention": attention_init(k1, d), "gate": dense_init(k2, d, d)}
     else:
         width = d
         branch = {"dense_in": dense_init(k1, d, r), "rglru": rglru_init(k2, cfg), "dense_out": dense_init(k3, r, d)}
@@ -428,7 +455,7 @@ def mlp_branch(p, y):
 def temporal_branch(cfg):
     def branch(p, y):
         if "attention" in p:
-            return attention(p["attention"], y), None
+            return attention(p["attention"], y) * jax.nn.gelu(dense(p["gate"], y)), None
         return dense(p["dense_out"], rglru(p["rglru"], dense(p["dense_in"], y), cfg.complex_rnn)), None
     return branch
 
@@ -570,7 +597,8 @@ def layer_stack_step(p, state, x, pos, cfg):
     def temporal_branch_step(s):
         def branch(q, y):
             if "attention" in q:
-                return attention_step(q["attention"], s, y, pos)
+                z, cache = attention_step(q["attention"], s, y, pos)
+                return z * jax.nn.gelu(dense(q["gate"], y)), cache
             z, h = rglru_step(q["rglru"], s, dense(q["dense_in"], y), cfg.complex_rnn)
             return dense(q["dense_out"], z), h
         return branch
@@ -592,7 +620,7 @@ def skip_block_state(p, cfg, batch_size, cache_len, dtype):
             "after": layer_stack_state(p.get("after"), cfg, batch_size, cache_len, dtype),
             "pool_sum": jnp.zeros((batch_size, d), dtype),  # running DownPool sum of the current group
             "up_buffer": jnp.zeros((f, batch_size, d), dtype),  # UpPool outputs of the last complete group
-            "inner": skip_block_state(p["inner"], cfg, batch_size, cache_len // f, dtype)}
+            "inner": skip_block_state(p["inner"], cfg, batch_size, cache_len, dtype)}
 
 
 def skip_block_step(p, state, x, pos, cfg):
@@ -620,14 +648,22 @@ def skip_block_step(p, state, x, pos, cfg):
     return y, {"before": before, "after": after, "pool_sum": pool_sum, "up_buffer": up_buffer, "inner": inner}
 
 
-def init_state(cfg, batch_size, seq_len=16000, dtype=jnp.float32):
-    """Recurrent state before the first token. seq_len sizes the deepest level's attention cache
-    (unused by the RG-LRU, whose state is O(1) and complex64/float32 under any dtype); dtype is the
-    compute dtype `step` will be called with (pooling buffers and attention caches hold it)."""
-    cfg.check_length(seq_len)
+def init_state(cfg, batch_size, seq_len=None, dtype=jnp.float32):
+    """Recurrent state before the first token. The RG-LRU's state does not depend on the length;
+    seq_len (the most tokens that will be stepped) is needed only to size the deepest level's
+    attention cache, of seq_len / (F_1*..*F_n) entries, and is ignored without attention. dtype is
+    the compute dtype `step` will be called with: pooling buffers and attention caches hold it, the
+    RG-LRU's state stays complex64 (float32 if real) under any dtype."""
+    cache_len = None
+    if cfg.deepest == "attention":
+        if seq_len is None:
+            raise ValueError("init_state: deepest='attention' needs seq_len, the number of tokens to step, "
+                             "to size its key/value cache")
+        cfg.check_length(seq_len)
+        cache_len = seq_len // cfg.total_pooling
     shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
     return {"pos": jnp.zeros((), jnp.int32),
-            "skip_block": skip_block_state(shapes["skip_block"], cfg, batch_size, seq_len, dtype)}
+            "skip_block": skip_block_state(shapes["skip_block"], cfg, batch_size, cache_len, dtype)}
 
 
 def step(params, state, x_prev, cfg, dtype=jnp.float32):
@@ -642,20 +678,42 @@ def step(params, state, x_prev, cfg, dtype=jnp.float32):
 # ---------------------------------------------------------------- command line
 
 
+def field_comments(cls):
+    """{field: the comment on its line} of a dataclass, read from the class' source with tokenize: the
+    comment the code carries is the --help text, so the two cannot drift apart."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline))
+    names, comments, field = {f.name for f in dataclasses.fields(cls)}, {}, None
+    for tok, after in zip(tokens, tokens[1:]):
+        if tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4 and after.string == ":":
+            field = tok.string  # a field's line: "    name: type = default  # comment"
+        elif tok.type == tokenize.COMMENT and field:
+            comments[field] = (comments.get(field, "") + " " + tok.string.lstrip("#").strip()).strip()
+        elif tok.type == tokenize.NEWLINE:
+            field = None
+    return comments
+
+
+def flag_help(comment, default):
+    """The --help text of a flag: its field's comment and the default in effect (argparse escapes %)."""
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{comment or ''} (default: {shown})".strip().replace("%", "%%")
+
+
 def add_config_args(parser, defaults=Config()):
-    """One flag per Config field (--pooling 2 4 4 5, --no-gated, --norm rms, ...)."""
+    """One flag per Config field (--pooling 2 4 4 5, --no-gated, --norm rms, ...); its help is the
+    field's comment and the default is the one in `defaults` (a dataset preset's value)."""
+    comments = field_comments(Config)
     for f in dataclasses.fields(Config):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        kw = {"default": default, "help": flag_help(comments.get(f.name), default)}
         if f.type == "bool" or isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="*", default=default)
+            parser.add_argument(flag, type=int, nargs="*", **kw)
         elif f.name in CHOICES:
-            parser.add_argument(flag, choices=CHOICES[f.name], default=default)
-        elif f.name == "scale":
-            parser.add_argument(flag, type=float, default=default, help="default: 1 / branches per level")
+            parser.add_argument(flag, choices=CHOICES[f.name], **kw)
         else:
-            parser.add_argument(flag, type=float if f.name == "dropout" else int, default=default)
+            parser.add_argument(flag, type=float if f.name in ("dropout", "scale") else int, **kw)
 
 
 def config_from_args(args):
@@ -673,9 +731,14 @@ def print_tree(tree, indent=""):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print a Poolformer's parameter tree and count.")
+    import data  # its Parser: one error line for a bad flag (NumPy only, no files touched)
+
+    parser = data.Parser(description="Print a Poolformer's parameter tree and count.")
     add_config_args(parser)
-    cfg = config_from_args(parser.parse_args())
+    try:
+        cfg = config_from_args(parser.parse_args())
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     print(cfg)
     shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
     print_tree(shapes)

@@ -8,7 +8,6 @@ forward pass costs. (The thesis author's sampler re-evaluated each 160-token seg
 Writes OUT/sample_XXX.wav (16-bit, decoded with the dataset's own encoding), OUT/samples.json
 (each clip's NLL under the model, in bits per generated sample) and OUT/spectrograms.png.
 """
-import argparse
 import json
 import os
 import sys
@@ -67,23 +66,46 @@ def prompt_tokens(path, encoding, length):
     return tokens, len(tokens)
 
 
+def digit_guesses(meta, audio, rate):
+    """(digit word, probability) per clip from the dataset's digit classifier when one has been trained
+    (python metrics.py train-classifier), else None."""
+    if "train" not in meta or rate != metrics.SAMPLE_RATE:
+        return None
+    folder = os.path.join(meta["train"]["data_dir"], f"classifier-{meta['data']['name']}")
+    if not os.path.isfile(os.path.join(folder, "params.npz")):
+        return None
+    params, _, _ = metrics.load_classifier(folder)
+    _, probs = metrics.classify(params, metrics.mel_features(audio))
+    return [(data.DIGITS[k], float(p[k])) for k, p in zip(probs.argmax(1), probs)]
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.Parser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a train.py run folder (best.npz, else newest) or .npz")
     parser.add_argument("--n", type=int, default=16, help="clips to write")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="folder for the WAVs, samples.json and spectrograms.png")
     parser.add_argument("--seq-len", type=int, help="tokens per clip (default: the training length)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", choices=sorted(train.DTYPES), default="float32", help="compute dtype")
+    parser.add_argument("--seed", type=int, default=0, help="sampling randomness")
+    parser.add_argument("--temperature", type=float, default=1.0, help="divides the logits before sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                        "whose probability reaches this (1 = no filtering)")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips sampled at once")
+    parser.add_argument("--dtype", choices=sorted(train.DTYPES), default="float32",
+                        help="compute dtype (as train.py --dtype)")
     parser.add_argument("--prompt", help="a WAV to continue: its tokens are teacher-forced, then sampling goes on")
     parser.add_argument("--generate", type=int, help="generate this many clips and keep the --n most likely "
                         "(SaShiMi sorts samples by likelihood); default: --n")
     args = parser.parse_args(argv)
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise SystemExit("error: --temperature must be > 0 and --top-p in (0, 1]")
+        raise SystemExit(f"error: --temperature must be > 0 (got {args.temperature}) and --top-p in (0, 1] "
+                         f"(got {args.top_p})")
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} {value} must be >= 1")
+    if args.generate is not None and args.generate < args.n:
+        raise SystemExit(f"error: --generate {args.generate} must be at least --n {args.n}")
+    if args.prompt and not os.path.isfile(args.prompt):
+        raise SystemExit(f"error: --prompt {args.prompt}: no such WAV file")
 
     cfg, params, meta = train.load_model(args.checkpoint)
     encoding, rate = meta["data"]["encoding"], meta["data"]["sample_rate"] or data.SAMPLE_RATE
@@ -117,16 +139,22 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     audio = data.decode(tokens[keep], encoding) if encoding != "bytes" else tokens[keep] / 127.5 - 1
-    records = []
+    records, labels = [], []
+    guesses = digit_guesses(meta, audio, rate)
     for j, (i, clip) in enumerate(zip(keep, audio)):
         name = f"sample_{j:03d}.wav"
         data.write_wav(os.path.join(args.out, name), clip, rate)
         records.append({"file": name, "nll_bits": float(nll_bits[i]), "index": int(i)})
+        labels.append(f"#{j}: {nll_bits[i]:.2f} bits/sample")
+        if guesses:
+            records[-1]["digit"], records[-1]["digit_prob"] = guesses[j]
+            labels[-1] += f"\nheard '{guesses[j][0]}' {guesses[j][1]:.0%}"
     with open(os.path.join(args.out, "samples.json"), "w") as f:
         json.dump({"checkpoint": args.checkpoint, "step": meta["step"], "seed": args.seed,
                    "temperature": args.temperature, "top_p": args.top_p, "prompt": args.prompt,
                    "prompt_tokens": prompt_len, "samples": records}, f, indent=1)
-    metrics.write_png(os.path.join(args.out, "spectrograms.png"), metrics.spectrogram_grid(audio, rate))
+    title = f"{len(keep)} samples, step {meta['step']}" + (": NLL, classifier's digit" if guesses else ": NLL")
+    metrics.write_png(os.path.join(args.out, "spectrograms.png"), metrics.figure_spectrograms(audio, rate, labels, title))
     print(f"wrote {len(keep)} WAVs, samples.json (mean NLL {nll_bits[keep].mean():.3f} bits) and "
           f"spectrograms.png to {args.out}")
     return 0

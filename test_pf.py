@@ -38,6 +38,7 @@ THESIS_COUNTS = [  # (table, row, config changes, parameters)
     ("4.1", "half ring", {"ring": "half"}, 7_272_704),
     ("4.1", "full ring", {"ring": "full"}, 7_272_704),
     ("4.1", "full circle", {"ring": "circle"}, 7_272_704),
+    ("4.1", "attention", {"deepest": "attention"}, 7_229_184),  # the 4 deepest layers' temporal mixing
     ("4.2", "1 pooling layer", {"pooling": (2,), "layers": (12, 12)}, 7_268_608),
     ("4.2", "no pooling", {"pooling": (), "layers": (36,)}, 7_267_840),
     ("4.3", "G = 1", {"groups": 1}, 7_760_384),
@@ -233,8 +234,8 @@ def test_causality_with_attention_at_the_deepest_level():
 # ---------------------------------------------------------------- 4. stepping == parallel forward
 
 
-def step_logits(params, cfg, x):
-    state = pf.init_state(cfg, x.shape[0], x.shape[1])
+def step_logits(params, cfg, x, state=None):
+    state = pf.init_state(cfg, x.shape[0], x.shape[1]) if state is None else state
     step = jax.jit(lambda s, tok: pf.step(params, s, tok, cfg))
     prev, out = jnp.full((x.shape[0],), pf.SILENCE, x.dtype), []
     for t in range(x.shape[1]):
@@ -339,3 +340,87 @@ def test_length_not_divisible_by_pooling_product_is_refused():
     params = init(jax.random.key(0), cfg)
     with pytest.raises(ValueError, match=r"length 1000 .* 2\*4\*4\*5 = 160"):
         pf.apply(params, jnp.zeros((1, 1000), jnp.int32), cfg)
+
+
+# ---------------------------------------------------------------- attention block, gate init, init_state
+
+
+def test_rope_scores_depend_only_on_the_relative_position():
+    """<rope(q, m), rope(k, n)> is a function of m - n; rope keeps norms and leaves the second half."""
+    q, k = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    m, n = jnp.arange(5) * 7 + 3, jnp.arange(5) * 2
+    dot = lambda a, b: jnp.sum(a * b, -1)
+    for shift in (1, 100, 9999):
+        assert_close(dot(pf.rope(q, m + shift), pf.rope(k, n + shift)), dot(pf.rope(q, m), pf.rope(k, n)),
+                     1e-3, f"shift {shift}")
+    assert_close(jnp.linalg.norm(pf.rope(q, m), axis=-1), jnp.linalg.norm(q, axis=-1), 1e-4, "norm")
+    assert_close(pf.rope(q, m)[:, 16:], q[:, 16:], 0, "second half")
+    assert float(jnp.max(jnp.abs(pf.rope(q, m)[:, :16] - q[:, :16]))) > 0.1, "the first half must rotate"
+
+
+def test_attention_branch_equals_numpy_reference():
+    """out(softmax(rope(q) rope(k)^T / sqrt(Dh) + causal) v) * gelu(gate(y)), q/k/v bias-free, written
+    with NumPy: 2 x 2 rotations of pairs (i, i + 8) by pos / 32000^(i/8) on the first 16 of 32 dims."""
+    d, s_len = 128, 6
+    cfg = pf.Config(pooling=(), layers=(1,), deepest="attention")
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64),
+                     pf.res_block_init(jax.random.key(1), cfg, "attention", 1.0)["branch"])
+    y = np.random.default_rng(0).normal(size=(s_len, 2, d))
+    a = p["attention"]
+    assert set(a["q"]) == set(a["k"]) == set(a["v"]) == {"w"} and set(a["o"]) == {"w", "b"}
+
+    def rot(x, pos):
+        x = x.copy()
+        for i in range(8):
+            c, s = np.cos(pos / 32000 ** (i / 8)), np.sin(pos / 32000 ** (i / 8))
+            x[..., i], x[..., i + 8] = x[..., i] * c - x[..., i + 8] * s, x[..., i + 8] * c + x[..., i] * s
+        return x
+
+    out = np.zeros((s_len, 2, d))
+    for b in range(2):
+        k = np.stack([rot(y[t, b] @ a["k"]["w"], t) for t in range(s_len)])
+        v = y[:, b] @ a["v"]["w"]
+        for t in range(s_len):
+            heads = []
+            for h in range(4):
+                q = rot(y[t, b] @ a["q"]["w"][:, 32 * h:32 * (h + 1)], t)
+                w = np.exp(k[: t + 1] @ q / np.sqrt(32))
+                heads.append((w / w.sum()) @ v[: t + 1])
+            gate = y[t, b] @ p["gate"]["w"] + p["gate"]["b"]
+            gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+            out[t, b] = (np.concatenate(heads) @ a["o"]["w"] + a["o"]["b"]) * gelu
+    branch = pf.temporal_branch(cfg)(jax.tree.map(jnp.asarray, p), jnp.asarray(y, jnp.float32))[0]
+    assert_close(branch, out, 1e-4, "attention branch")
+
+
+def test_gate_init_follows_flax_fan_in_of_the_block_diagonal_kernel():
+    """The author's BlockDiagonalLinear: W (32, R/32, N/32) ~ fan-in R, b (32, N/32) ~ fan-in 32
+    (variance_scaling counts every axis but the last); both truncated normals of variance 1/fan-in."""
+    gates = jax.vmap(lambda k: pf.block_diagonal_init(k, 2048, 1024))(jax.random.split(jax.random.key(0), 64))
+    assert gates["w"].shape == (64, 32, 64, 32) and gates["b"].shape == (64, 1024)
+    for name, fan_in in (("w", 2048), ("b", 32)):  # >= 65,536 draws each: the std to ~0.3%
+        std, expected = float(jnp.std(gates[name])), 1 / math.sqrt(fan_in)
+        assert abs(std - expected) < 0.015 * expected, f"{name}: std {std:.4g}, 1/sqrt({fan_in}) = {expected:.4g}"
+        assert float(jnp.max(jnp.abs(gates[name]))) <= 2 * expected / 0.87962566103423978 + 1e-6, "truncated at 2"
+    rglru = pf.rglru_init(jax.random.key(0), pf.Config())  # R = 256: the gates' std is 1/16
+    assert abs(float(jnp.std(rglru["gate_x"]["w"])) - 1 / 16) < 0.05 / 16
+
+
+def test_init_state_needs_no_length_without_attention():
+    """Pooling (3, 2) does not divide 16,000; the RG-LRU's state does not depend on the length."""
+    cfg = pf.Config(pooling=(3, 2), layers=(0, 0, 1), **SMALL)
+    params = init(jax.random.key(0), cfg)
+    state = pf.init_state(cfg, 2)
+    x = random_tokens(5, 2, 12)
+    stepped, _ = step_logits(params, cfg, x, state)
+    assert_close(stepped, apply(params, x, cfg), 2e-5, "step vs apply, pooling (3, 2)")
+
+
+def test_init_state_with_attention_asks_for_a_length_that_fits_the_pooling():
+    cfg = pf.Config(pooling=(3, 2), layers=(1, 1, 1), deepest="attention", **SMALL)
+    with pytest.raises(ValueError, match="needs seq_len"):
+        pf.init_state(cfg, 2)
+    with pytest.raises(ValueError, match=r"length 16000 .* 3\*2 = 6"):
+        pf.init_state(cfg, 2, 16000)
+    cache = pf.init_state(cfg, 2, 60)["skip_block"]["inner"]["inner"]["layers"]
+    assert cache["k"].shape == (1, 10, 2, 4)  # L, S / 6, B, D / HEADS

@@ -33,33 +33,33 @@ import pf
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "sc09-espeak"  # sc09 | sc09-espeak | beethoven | youtubemix | bytes
+    dataset: str = "sc09-espeak"  # preset and data: sc09 | sc09-espeak | beethoven | youtubemix | bytes
     out: str = "runs/digits"  # checkpoints, config.json and log.jsonl go here
-    data_dir: str = "data"
+    data_dir: str = "data"  # datasets, their .npy cache and the digit classifier live here
     size: str = "default"  # sc09-espeak: tiny | default | a clip count
     path: str | None = None  # bytes: the file; other datasets: their folder
     seq_len: int | None = None  # None = the dataset's own length
     batch_size: int = 32  # global batch (all devices, all microbatches)
     microbatch: int | None = None  # rows per gradient-accumulation microbatch; None = the whole batch
-    epochs: int = 500
+    epochs: int = 500  # passes over the training split
     steps: int | None = None  # stop after this many steps instead (overrides epochs)
     minutes: float | None = None  # wall-clock budget of this run, compile included; then it finishes as at its last step
-    lr: float = 0.002  # AdamW, linear warmup then constant
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 1e-4
-    warmup: int = 1000
+    lr: float = 0.002  # AdamW learning rate, after a linear warmup then constant
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.999  # AdamW beta2
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    warmup: int = 1000  # steps of linear learning-rate warmup from 0
     ema: float = 0.999  # EMA of the weights, used for evaluation and sampling
     clip_norm: float = 200.0  # clip the global gradient norm (the author's value)
     skip_norm: float = 1000.0  # skip an update whose gradient norm exceeds this (the author's value)
     max_bad_steps: int = 20  # this many skipped updates in a row stop the run
-    seed: int = 0
-    log_every: int = 10
+    seed: int = 0  # parameter init, data order and dropout
+    log_every: int = 10  # steps between log lines
     ckpt_every: int = 500  # steps; a checkpoint is also written at every epoch end
     keep: int = 3  # last checkpoints kept (plus best.npz)
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
-    resume: bool = False
+    resume: bool = False  # continue from the newest readable checkpoint in --out
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
 
 
@@ -284,6 +284,9 @@ def load_latest(out, cfg, template):
 def load_model(checkpoint):
     """(cfg, ema params, meta) from a run folder (best.npz, else the newest checkpoint) or an .npz
     file: what sample.py and metrics.py evaluate."""
+    if not os.path.exists(checkpoint):
+        raise SystemExit(f"error: --checkpoint {checkpoint}: no such run folder or .npz file "
+                         f"(a train.py --out folder, e.g. runs/digits)")
     best = os.path.join(checkpoint, "best.npz")
     paths = [checkpoint] if checkpoint.endswith(".npz") else \
         [best] * os.path.exists(best) + list(reversed(checkpoints(checkpoint)))
@@ -291,10 +294,13 @@ def load_model(checkpoint):
     if found is None:
         raise SystemExit(f"error: no readable checkpoint in {checkpoint}")
     path, meta, arrays = found
-    cfg = pf.Config(**meta["model"])
-    template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
-    ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
-    return cfg, restore(template, ema, path), meta
+    try:
+        cfg = pf.Config(**meta["model"])
+        template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+        ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
+        return cfg, restore(template, ema, path), meta
+    except (TypeError, ValueError) as e:  # a checkpoint of another version of pf.py
+        raise SystemExit(f"error: {path} does not fit this pf.py ({e})")
 
 
 # ---------------------------------------------------------------- the loop
@@ -314,18 +320,20 @@ def interruptible():
 
 
 def parse_args(argv):
-    first = argparse.ArgumentParser(add_help=False)
+    first = data.Parser(add_help=False)
     first.add_argument("--dataset", default=TrainConfig.dataset, choices=sorted(PRESETS))
     dataset = first.parse_known_args(argv)[0].dataset
     model_preset, train_preset = PRESETS[dataset]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.Parser(description=__doc__)
+    comments = pf.field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), train_preset.get(f.name, getattr(TrainConfig, f.name))
+        kw = {"default": default, "help": pf.flag_help(comments.get(f.name), default)}
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), type(default))
-            parser.add_argument(flag, type=kind, default=default)
+            parser.add_argument(flag, type=kind, choices=sorted(PRESETS) if f.name == "dataset" else None, **kw)
     pf.add_config_args(parser, dataclasses.replace(pf.Config(), **model_preset))
     args = parser.parse_args(argv)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -333,7 +341,32 @@ def parse_args(argv):
         parser.error(f"--dtype {tc.dtype!r} is not one of {', '.join(DTYPES)}")
     if tc.minutes is not None and not tc.minutes > 0:
         parser.error(f"--minutes {tc.minutes} must be > 0 (the run's wall-clock budget)")
-    return pf.config_from_args(args), tc
+    try:
+        return pf.config_from_args(args), tc
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+POSITIVE = ("batch_size", "microbatch", "epochs", "warmup", "log_every", "ckpt_every", "keep", "eval_every",
+            "eval_clips", "max_bad_steps")  # TrainConfig fields that must be >= 1 where set
+
+
+def check_config(cfg, tc):
+    """Refuse a config that cannot run, before any data is built: one line naming the value."""
+    for name in POSITIVE:
+        value = getattr(tc, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} must be >= 1")
+    if tc.steps is not None and tc.steps < 0:
+        raise SystemExit(f"error: --steps {tc.steps} must be >= 0")
+    if not (tc.lr > 0 and 0 <= tc.b1 < 1 and 0 <= tc.b2 < 1 and 0 <= tc.ema < 1 and tc.weight_decay >= 0):
+        raise SystemExit(f"error: need --lr > 0 (got {tc.lr}), --b1, --b2 and --ema in [0, 1) (got {tc.b1}, "
+                         f"{tc.b2}, {tc.ema}) and --weight-decay >= 0 (got {tc.weight_decay})")
+    seq_len = tc.seq_len or data.SEQ_LEN[tc.dataset]
+    try:
+        cfg.check_length(seq_len)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; set --seq-len or --pooling so that it divides")
 
 
 def check(cfg, tc, ds, n_devices):
@@ -346,8 +379,26 @@ def check(cfg, tc, ds, n_devices):
         raise SystemExit(f"error: the training split has {len(ds.train)} rows, fewer than one batch of {tc.batch_size}")
 
 
+def format_config(resolved, width=100):
+    """The resolved config in a few lines (config.json keeps it in full): one group per part,
+    'name value' pairs separated by |, lists written 2,4,4,5, lines broken between pairs."""
+    lines = []
+    for part, fields in resolved.items():
+        line = f"{part}:"
+        for k, v in fields.items():
+            pair = f"{k} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+            if len(line) + len(pair) + 3 > width:
+                lines.append(line)
+                line = "  " + pair
+            else:
+                line += (" " if line.endswith(":") else " | ") + pair
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     cfg, tc = parse_args(argv)
+    check_config(cfg, tc)
     mesh = make_mesh()
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
@@ -360,7 +411,7 @@ def main(argv=None):
     total_steps = tc.steps if tc.steps is not None else tc.epochs * per_epoch
     resolved = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc),
                 "data": {"name": ds.name, "encoding": ds.encoding, "sample_rate": ds.sample_rate, "seq_len": ds.seq_len}}
-    say(json.dumps(resolved, indent=1))
+    say(format_config(resolved))
     real = np.arange(ds.seq_len) < ds.train.lengths[:, None]
     p = np.bincount(ds.train.tokens[real], minlength=256) / real.sum()
     unigram = -np.sum(p[p > 0] * np.log2(p[p > 0]))  # the NLL of a model that ignores the context
