@@ -338,7 +338,7 @@ def rope(x, pos):
     inv_freq = ROPE_WAVELENGTH ** (-2.0 * jnp.arange(quarter) / x_rope.shape[-1])  # (Dh/4,)
     angle = jnp.asarray(pos, jnp.float32)[..., None] * inv_freq
     first, second = jnp.split(x_rope, 2, -1)
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)  # keep x's dtype (bf16)
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin, x_pass], -1)
 
 

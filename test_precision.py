@@ -68,11 +68,12 @@ def test_bf16_model_runs_its_matmuls_in_bf16_and_keeps_norms_head_and_state_floa
     assert jax.tree.map(lambda a: a.dtype, new) == jax.tree.map(lambda a: a.dtype, state)
 
 
-def test_step_equals_apply_in_bf16():
+@pytest.mark.parametrize("deepest", ["rglru", "attention"])
+def test_step_equals_apply_in_bf16(deepest):
     """Both paths round differently (other op orders and shapes), so they agree only to bf16's
     precision: the logits here are O(1-5), and each path lands within ~0.05 of the float32 result.
     A wrong state, offset or pooling buffer moves them by O(1)."""
-    cfg = pf.Config(pooling=(2, 3), layers=(1, 1, 1), scale=0.5, **SMALL)
+    cfg = pf.Config(pooling=(2, 3), layers=(1, 1, 1), scale=0.5, deepest=deepest, **SMALL)
     params = pf.init(jax.random.key(0), cfg)
     x = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
     full32 = pf.apply(params, x, cfg)
