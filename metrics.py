@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import checkpoint
 import data
+import pf
 
 # ----------------------------------------------------------------------------------------------
 # Mel front end, as SaShiMi's classifier sees audio (librosa defaults of its time)
@@ -478,6 +480,19 @@ def save_classifier(out_dir, params, config, train_stats):
     save_json(os.path.join(out_dir, 'config.json'), config)
 
 
+SHIPPED_CLASSIFIERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'classifiers')
+
+
+def find_classifier(dataset, data_dir='data'):
+    """The digit classifier folder for a dataset: DATA_DIR/classifier-DATASET if one was trained
+    there, else the one shipped in the repository (classifiers/DATASET: the built-in digits' own,
+    made by `python metrics.py train-classifier --dataset sc09-espeak`, seed 0), else None."""
+    for folder in (os.path.join(data_dir, f'classifier-{dataset}'), os.path.join(SHIPPED_CLASSIFIERS, dataset)):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in ('params.npz', 'config.json', 'train_stats.npz')):
+            return folder
+    return None
+
+
 def load_classifier(out_dir):
     """-> (params, config dict, train_stats dict with mu, sigma, mean_probs)."""
     params = load_params_npz(os.path.join(out_dir, 'params.npz'))
@@ -501,23 +516,24 @@ def scores(params, train_stats, audio):
             'am': float(_kl(train_stats['mean_probs'], probs.mean(0)) + _entropy(probs).mean())}
 
 
-def load_model_params(checkpoint):
-    """(pf.Config, EMA parameters, meta) of a train.py checkpoint: a run folder (best.npz, else the
-    newest ckpt_*.npz) or one .npz. The thesis evaluates and samples the EMA weights."""
-    import train  # the model's checkpoint format lives there; only the commands need it
-    return train.load_model(checkpoint)
+def split_nll_bits(nll, split, batch_size, put=np.asarray):
+    """NLL in bits per sample over the unmasked tokens of a split, batch by batch: nll(tokens, mask)
+    -> (sum of -log p in nats, count); put places a host batch (train.py: on its device mesh)."""
+    total, count = 0.0, 0.0
+    for tokens, mask in data.eval_batches(split, batch_size):
+        t, c = nll(put(tokens), put(mask))
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0) / math.log(2)
 
 
-def model_test_nll(checkpoint, dtype='float32'):
-    """Test NLL (bits per sample) of a train.py checkpoint's EMA weights on the whole test split of
-    the dataset it was trained on, with train.py's own evaluate (in the compute dtype given)."""
-    import train
-    cfg, params, meta = load_model_params(checkpoint)
+def model_test_nll(path, dtype='float32'):
+    """Test NLL (bits per sample) of a train.py checkpoint's EMA weights (the thesis evaluates and
+    samples those) on the whole test split of the dataset it was trained on, in the compute dtype given."""
+    cfg, params, meta = checkpoint.load_model(path)
     tc = meta['train']
     ds = data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
-    mesh = train.make_mesh()
-    evaluate = train.make_evaluate(cfg, mesh, dtype)
-    return float(evaluate(params, ds.test, max(mesh.size, tc['microbatch'] or tc['batch_size'])))
+    nll = jax.jit(lambda p, tokens, mask: pf.nll_sum(p, tokens, mask, cfg, dtype=dtype))
+    return split_nll_bits(lambda tokens, mask: nll(params, tokens, mask), ds.test, tc['microbatch'] or tc['batch_size'])
 
 
 def format_table(rows):
@@ -904,19 +920,31 @@ def figure_complex_plane(a_values, size=480, lim=1.1):
                  'imag': [np.ravel(a).imag.tolist() for _, a in a_values], 'limits': [-lim, lim]}
 
 
+def read_log(run_dir):
+    """The records of a train.py run's log.jsonl (every run of it, resumed ones appended)."""
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def figure_curves(records, title='Learning curves'):
-    """Training loss and validation / test NLL (bits per sample) against the step, from a train.py
-    log.jsonl's records."""
-    series = []
-    for key, label in (('loss_bits', 'training loss (batch)'), ('val_nll_bits', 'validation NLL (EMA)'),
-                       ('test_nll_bits', 'test NLL (EMA)')):
-        points = [(r['step'], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            x, y = np.array(points, np.float64).T
-            series.append({'label': label, 'x': x, 'y': y, 'style': 'line' if key == 'loss_bits' else 'line+dots'})
-    if not series:
+    """Training loss and validation / test NLL (bits per sample) from a train.py log.jsonl's records:
+    against wall-clock minutes (when the log has them) above, against the training step below."""
+    panels = []
+    for x_key, xlabel in (('minutes', 'wall-clock minutes of training (compile and evaluation included)'),
+                          ('step', 'training step')):
+        series = []
+        for key, label in (('loss_bits', 'training loss (batch)'), ('val_nll_bits', 'validation NLL (EMA)'),
+                           ('test_nll_bits', 'test NLL (EMA)')):
+            points = [(r[x_key], r[key]) for r in records if r.get(key) is not None and r.get(x_key) is not None]
+            if points:
+                x, y = np.array(points, np.float64).T
+                series.append({'label': label, 'x': x, 'y': y,
+                               'style': 'line' if key == 'loss_bits' else 'line+dots'})
+        if series:
+            panels.append(line_plot(series, title if not panels else f'{title}, by step', xlabel, 'bits per sample'))
+    if not panels:
         raise ValueError('no loss_bits, val_nll_bits or test_nll_bits records')
-    return line_plot(series, title, 'training step', 'bits per sample')
+    return np.concatenate(panels, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -970,18 +998,14 @@ def cmd_train_classifier(args):
     print(f'saved {out}')
 
 
-def cmd_evaluate(args):
-    if not os.path.isdir(args.samples):
-        raise SystemExit(f'error: --samples {args.samples}: no such folder (sample.py --out writes one)')
-    paths = sorted(os.path.join(args.samples, f) for f in os.listdir(args.samples) if f.lower().endswith('.wav'))
+def evaluate_samples(samples, classifier_dir, checkpoint_path=None, dtype='float32', out=None):
+    """Score a folder of WAV samples: FID, IS, mIS, AM under the classifier in classifier_dir, the test
+    NLL of checkpoint_path (if given), beside the classifier's held-out-clip row (the ceiling). Prints
+    the table, writes out (default SAMPLES/metrics.json) and returns the samples' row."""
+    paths = sorted(os.path.join(samples, f) for f in os.listdir(samples) if f.lower().endswith('.wav'))
     if len(paths) < 2:
-        raise SystemExit(f'error: --samples {args.samples}: need at least 2 .wav files, found {len(paths)}')
-    cdir = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
-    missing = [f for f in ('params.npz', 'config.json', 'train_stats.npz') if not os.path.isfile(os.path.join(cdir, f))]
-    if missing:
-        raise SystemExit(f'error: no digit classifier in {cdir} (missing {", ".join(missing)}); train one first: '
-                         f'python metrics.py train-classifier --dataset {args.dataset} --data-dir {args.data_dir}')
-    params, config, stats = load_classifier(cdir)
+        raise SystemExit(f'error: --samples {samples}: need at least 2 .wav files, found {len(paths)}')
+    params, config, stats = load_classifier(classifier_dir)
     clips = []
     for p in paths:
         try:
@@ -992,18 +1016,30 @@ def cmd_evaluate(args):
             raise SystemExit(f'error: {p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
         clips.append(fit_length(np.asarray(audio, np.float32).reshape(1, -1))[0])
     result = scores(params, stats, np.stack(clips))
-    result['nll'] = model_test_nll(args.checkpoint, args.dtype) if args.checkpoint else None
-    rows = [(f'{os.path.basename(os.path.normpath(args.samples))} (n={len(clips)})', result)]
+    result['nll'] = model_test_nll(checkpoint_path, dtype) if checkpoint_path else None
+    rows = [(f'{os.path.basename(os.path.normpath(samples))} (n={len(clips)})', result)]
     if 'held-out test clips' in config.get('reference_scores', {}):
         ref = config['reference_scores']['held-out test clips']
-        rows.append((f'{config["dataset"]} test clips (n={ref["n"]})', ref))
+        rows.append((f'held-out {config["dataset"]} clips (n={ref["n"]})', ref))
     print(format_table(rows))
-    print(f'classifier: {cdir} (test accuracy {config.get("test_accuracy", float("nan")):.4f}); '
+    print(f'classifier: {classifier_dir} (test accuracy {config.get("test_accuracy", float("nan")):.4f}); '
           f'FID/AM against its {config["dataset"]} training-set statistics')
-    out = args.out or os.path.join(args.samples, 'metrics.json')
-    save_json(out, {'samples': args.samples, 'checkpoint': args.checkpoint, 'classifier': cdir, **result,
+    out = out or os.path.join(samples, 'metrics.json')
+    save_json(out, {'samples': samples, 'checkpoint': checkpoint_path, 'classifier': classifier_dir, **result,
                     'reference': rows[1][1] if len(rows) > 1 else None})
     print(f'wrote {out}')
+    return result
+
+
+def cmd_evaluate(args):
+    if not os.path.isdir(args.samples):
+        raise SystemExit(f'error: --samples {args.samples}: no such folder (sample.py --out writes one)')
+    cdir = args.classifier or find_classifier(args.dataset, args.data_dir)
+    if cdir is None or not os.path.isfile(os.path.join(cdir, 'params.npz')):
+        where = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
+        raise SystemExit(f'error: no digit classifier in {where} (nor one shipped for {args.dataset}); train one '
+                         f'first: python metrics.py train-classifier --dataset {args.dataset} --data-dir {args.data_dir}')
+    evaluate_samples(args.samples, cdir, args.checkpoint, args.dtype, args.out)
 
 
 def cmd_figures(args):
@@ -1014,7 +1050,7 @@ def cmd_figures(args):
         params, source = pf.init(jax.random.key(args.seed), pf.Config(ring=args.init)), f'init ring={args.init}'
         out = args.out or os.path.join('runs', f'figures-init-{args.init}')
     elif args.checkpoint:
-        _, params, meta = load_model_params(args.checkpoint)
+        _, params, meta = checkpoint.load_model(args.checkpoint)
         source = f'{args.checkpoint} (EMA weights, step {meta.get("step")})'
         out = args.out or (args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))
     else:
@@ -1030,9 +1066,8 @@ def cmd_figures(args):
         print(f'wrote {os.path.join(out, name)}.png / .json')
     log = os.path.join(args.checkpoint, 'log.jsonl') if args.checkpoint and os.path.isdir(args.checkpoint) else None
     if log and os.path.isfile(log):  # the run's learning curves
-        with open(log) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        write_png(os.path.join(out, 'curves.png'), figure_curves(records, f'Learning curves: {args.checkpoint}'))
+        write_png(os.path.join(out, 'curves.png'), figure_curves(read_log(args.checkpoint),
+                                                                 f'Learning curves: {args.checkpoint}'))
         print(f'wrote {os.path.join(out, "curves.png")}')
     means = [float(np.abs(a).mean()) for _, a in a_values]
     print(f'{len(a_values)} RG-LRU layers; mean |a| first {means[0]:.4f}, last {means[-1]:.4f}, '
@@ -1055,7 +1090,8 @@ def main(argv=None):
     p = sub.add_parser('evaluate', help='score a directory of WAV samples (table 4.5 layout)')
     p.add_argument('--samples', required=True, help='a folder of 16 kHz WAVs (sample.py --out)')
     p.add_argument('--checkpoint', default=None, help='train.py run folder or .npz, for the test NLL column')
-    p.add_argument('--classifier', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET)')
+    p.add_argument('--classifier', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET, '
+                   'else the one shipped in classifiers/DATASET)')
     p.add_argument('--dataset', default='sc09-espeak', help='whose classifier and training statistics')
     p.add_argument('--data-dir', default='data', help='where the datasets and classifiers live')
     p.add_argument('--out', default=None, help='JSON path (default: SAMPLES/metrics.json)')

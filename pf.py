@@ -570,6 +570,18 @@ def apply(params, x, cfg, *, key=None, dtype=jnp.float32):
     return head(params, h).transpose(1, 0, 2)  # (S, B, V) -> (B, S, V)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the compute dtypes (--dtype)
+
+
+def nll_sum(params, tokens, mask, cfg, key=None, dtype="float32"):
+    """The loss: sum of -log p(token) in nats over unmasked positions (mask (B, S)), and the number
+    of those positions. Logits, softmax and cross-entropy are float32 whatever the compute dtype."""
+    tokens = tokens.astype(jnp.int32)
+    logits = apply(params, tokens, cfg, key=key, dtype=DTYPES[dtype])
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]  # (B, S)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
 def count_params(params):
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import checkpoint
 import data
 import metrics
 import pf
-import train
 
 
 def filter_logits(logits, temperature, top_p):
@@ -39,8 +39,8 @@ def filter_logits(logits, temperature, top_p):
 def generate(params, cfg, key, prompt, prompt_len, temperature=1.0, top_p=1.0, dtype="float32"):
     """prompt (B, S) tokens, of which the first prompt_len are teacher-forced; the rest are sampled.
     -> tokens (B, S), log p(token) (B, S) under the model itself (temperature 1, no filtering).
-    dtype: the compute dtype (train.DTYPES)."""
-    dtype = train.DTYPES[dtype]
+    dtype: the compute dtype (pf.DTYPES)."""
+    dtype = pf.DTYPES[dtype]
     batch, length = prompt.shape
 
     def body(carry, inputs):
@@ -67,12 +67,12 @@ def prompt_tokens(path, encoding, length):
 
 
 def digit_guesses(meta, audio, rate):
-    """(digit word, probability) per clip from the dataset's digit classifier when one has been trained
-    (python metrics.py train-classifier), else None."""
+    """(digit word, probability) per clip from the dataset's digit classifier when there is one
+    (metrics.find_classifier), else None."""
     if "train" not in meta or rate != metrics.SAMPLE_RATE:
         return None
-    folder = os.path.join(meta["train"]["data_dir"], f"classifier-{meta['data']['name']}")
-    if not os.path.isfile(os.path.join(folder, "params.npz")):
+    folder = metrics.find_classifier(meta["data"]["name"], meta["train"]["data_dir"])
+    if folder is None:
         return None
     params, _, _ = metrics.load_classifier(folder)
     _, probs = metrics.classify(params, metrics.mel_features(audio))
@@ -90,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
                         "whose probability reaches this (1 = no filtering)")
     parser.add_argument("--batch-size", type=int, default=16, help="clips sampled at once")
-    parser.add_argument("--dtype", choices=sorted(train.DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=sorted(pf.DTYPES), default="float32",
                         help="compute dtype (as train.py --dtype)")
     parser.add_argument("--prompt", help="a WAV to continue: its tokens are teacher-forced, then sampling goes on")
     parser.add_argument("--generate", type=int, help="generate this many clips and keep the --n most likely "
@@ -107,9 +107,8 @@ def main(argv=None):
     if args.prompt and not os.path.isfile(args.prompt):
         raise SystemExit(f"error: --prompt {args.prompt}: no such WAV file")
 
-    cfg, params, meta = train.load_model(args.checkpoint)
-    encoding, rate = meta["data"]["encoding"], meta["data"]["sample_rate"] or data.SAMPLE_RATE
-    length = args.seq_len or meta["data"]["seq_len"]
+    cfg, params, meta = checkpoint.load_model(args.checkpoint)
+    encoding, length = meta["data"]["encoding"], args.seq_len or meta["data"]["seq_len"]
     try:
         cfg.check_length(length)
     except ValueError as e:
@@ -122,42 +121,68 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         prompt[:prompt_len] = tokens
 
-    total = max(args.generate or args.n, args.n)
-    run = jax.jit(lambda p, key, prompts: generate(p, cfg, key, prompts, prompt_len, args.temperature, args.top_p,
-                                                     args.dtype))
-    print(f"sampling {total} clips of {length} tokens ({encoding}) from step {meta['step']}, batch {args.batch_size}")
+    write_samples(cfg, params, meta, args.out, args.n, args.generate, args.seed, args.batch_size, args.dtype,
+                  prompt, prompt_len, args.temperature, args.top_p, source=args.checkpoint, prompt_path=args.prompt)
+    return 0
+
+
+def write_samples(cfg, params, meta, out, n, generate_n=None, seed=0, batch_size=16, dtype="float32", prompt=None,
+                  prompt_len=0, temperature=1.0, top_p=1.0, source=None, prompt_path=None):
+    """Sample clips (generate_n of them, keeping the n most likely, else n) and write OUT/sample_XXX.wav,
+    OUT/samples.json and OUT/spectrograms.png. -> the kept clips' audio (n, S)."""
+    encoding, rate = meta["data"]["encoding"], meta["data"]["sample_rate"] or data.SAMPLE_RATE
+    length = meta["data"]["seq_len"] if prompt is None else len(prompt)
+    prompt = np.full(length, pf.SILENCE, np.int32) if prompt is None else prompt
+    total = max(generate_n or n, n)
+    run = jax.jit(lambda p, key, prompts: generate(p, cfg, key, prompts, prompt_len, temperature, top_p, dtype))
+    print(f"sampling {total} clips of {length} tokens ({encoding}) from step {meta['step']}, batch {batch_size}")
     clips, logps, start = [], [], time.perf_counter()
-    for i in range(0, total, args.batch_size):
-        tokens, logp = run(params, jax.random.fold_in(jax.random.key(args.seed), i), np.tile(prompt, (args.batch_size, 1)))
+    for i in range(0, total, batch_size):
+        tokens, logp = run(params, jax.random.fold_in(jax.random.key(seed), i), np.tile(prompt, (batch_size, 1)))
         clips.append(np.asarray(tokens)[: total - i])
         logps.append(np.asarray(logp)[: total - i])
-        done = min(i + args.batch_size, total)
+        done = min(i + batch_size, total)
         print(f"{done}/{total} clips | {done * length / (time.perf_counter() - start):.0f} tokens/s (incl. compile)")
     tokens, logp = np.concatenate(clips), np.concatenate(logps)
     nll_bits = -logp[:, prompt_len:].mean(1) / np.log(2)
-    keep = np.argsort(nll_bits)[: args.n] if args.generate else np.arange(args.n)
+    keep = np.argsort(nll_bits)[:n] if generate_n else np.arange(n)
 
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     audio = data.decode(tokens[keep], encoding) if encoding != "bytes" else tokens[keep] / 127.5 - 1
     records, labels = [], []
     guesses = digit_guesses(meta, audio, rate)
     for j, (i, clip) in enumerate(zip(keep, audio)):
         name = f"sample_{j:03d}.wav"
-        data.write_wav(os.path.join(args.out, name), clip, rate)
+        data.write_wav(os.path.join(out, name), clip, rate)
         records.append({"file": name, "nll_bits": float(nll_bits[i]), "index": int(i)})
         labels.append(f"#{j}: {nll_bits[i]:.2f} bits/sample")
         if guesses:
             records[-1]["digit"], records[-1]["digit_prob"] = guesses[j]
             labels[-1] += f"\nheard '{guesses[j][0]}' {guesses[j][1]:.0%}"
-    with open(os.path.join(args.out, "samples.json"), "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "step": meta["step"], "seed": args.seed,
-                   "temperature": args.temperature, "top_p": args.top_p, "prompt": args.prompt,
-                   "prompt_tokens": prompt_len, "samples": records}, f, indent=1)
+    with open(os.path.join(out, "samples.json"), "w") as f:
+        json.dump({"checkpoint": source, "step": meta["step"], "seed": seed, "temperature": temperature,
+                   "top_p": top_p, "prompt": prompt_path, "prompt_tokens": prompt_len, "samples": records}, f, indent=1)
     title = f"{len(keep)} samples, step {meta['step']}" + (": NLL, classifier's digit" if guesses else ": NLL")
-    metrics.write_png(os.path.join(args.out, "spectrograms.png"), metrics.figure_spectrograms(audio, rate, labels, title))
+    metrics.write_png(os.path.join(out, "spectrograms.png"), metrics.figure_spectrograms(audio, rate, labels, title))
     print(f"wrote {len(keep)} WAVs, samples.json (mean NLL {nll_bits[keep].mean():.3f} bits) and "
-          f"spectrograms.png to {args.out}")
-    return 0
+          f"spectrograms.png to {out}")
+    return audio
+
+
+def quality_report(run_dir, n=64, batch_size=64, dtype="float32", seed=0):
+    """The end of a training run on spoken digits: n clips from the run's best EMA weights into
+    RUN/samples/, then one row of test NLL, FID, IS, mIS and AM beside the held-out clips' row
+    (metrics.evaluate_samples, exactly what `metrics.py evaluate` computes). None, with a note, when
+    the dataset has no digit classifier."""
+    cfg, params, meta = checkpoint.load_model(run_dir)
+    classifier = metrics.find_classifier(meta["data"]["name"], meta["train"]["data_dir"])
+    if classifier is None or (meta["data"]["sample_rate"] or data.SAMPLE_RATE) != metrics.SAMPLE_RATE:
+        print(f"no digit classifier for {meta['data']['name']}: no quality report "
+              f"(python metrics.py train-classifier --dataset {meta['data']['name']} makes one)")
+        return None
+    out = os.path.join(run_dir, "samples")
+    write_samples(cfg, params, meta, out, n, seed=seed, batch_size=min(batch_size, n), dtype=dtype, source=run_dir)
+    return metrics.evaluate_samples(out, classifier, run_dir, dtype)
 
 
 if __name__ == "__main__":

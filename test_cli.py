@@ -24,7 +24,8 @@ BAD_INPUTS = {  # command: (arguments, words the error line must contain)
     "sample-checkpoint": (["sample.py", "--checkpoint", "no/such/dir", "--out", "x"], ["no/such/dir"]),
     "sample-n": (["sample.py", "--checkpoint", "no/such/dir", "--out", "x", "--n", "0"], ["--n 0", ">= 1"]),
     "metrics-samples": (["metrics.py", "evaluate", "--samples", "no/such/dir"], ["no/such/dir"]),
-    "metrics-classifier": (["metrics.py", "evaluate", "--samples", "two_wavs"], ["classifier", "train-classifier"]),
+    "metrics-classifier": (["metrics.py", "evaluate", "--samples", "two_wavs", "--dataset", "sc09"],
+                           ["classifier", "train-classifier"]),  # sc09-espeak's ships in classifiers/
     "metrics-figures": (["metrics.py", "figures", "--init", "square"], ["square", "small | half"]),
     "bench": (["bench.py", "--part", "train", "--model", '{"d_rnn": 100}'], ["d_rnn=100"]),
 }

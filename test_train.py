@@ -37,7 +37,7 @@ def compile_cache(tmp_path_factory):
 def args(data_dir, out, *extra):
     return ["--dataset", "sc09-espeak", "--size", "tiny", "--data-dir", data_dir, "--out", out, "--seq-len", "160",
             "--batch-size", "8", "--steps", str(STEPS), "--warmup", "4", "--log-every", "1", "--ckpt-every", "3",
-            "--eval-clips", "8", *TINY_MODEL, *extra]
+            "--eval-clips", "8", "--report-samples", "0", *TINY_MODEL, *extra]
 
 
 def run(argv, cache, devices=1, env=None, wait=True, prefix=""):
@@ -262,3 +262,45 @@ def test_minutes_budget_must_be_positive(minutes, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--minutes", minutes])
     assert e.value.code == 2 and f"--minutes {float(minutes)} must be > 0" in capsys.readouterr().err
+
+
+def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, compile_cache, tmp_path):
+    """A run on the built-in digits ends by sampling (here 4 clips), scoring them with the shipped
+    classifier and drawing curves.png; `metrics.py evaluate`, run afterwards in its own process on the
+    same WAVs and checkpoint, gives the same numbers."""
+    out = str(tmp_path / "report")
+    code, log = run(args(data_dir, out, "--report-samples", "4"), compile_cache)
+    assert code == 0, log
+    assert "held-out sc09-espeak clips" in log and os.path.exists(os.path.join(out, "curves.png"))
+    wavs = sorted(f for f in os.listdir(os.path.join(out, "samples")) if f.endswith(".wav"))
+    assert wavs == [f"sample_{i:03d}.wav" for i in range(4)]
+    with open(os.path.join(out, "samples", "metrics.json")) as f:
+        report = json.load(f)
+    again = str(tmp_path / "again.json")
+    proc = subprocess.run([sys.executable, "metrics.py", "evaluate", "--samples", os.path.join(out, "samples"),
+                           "--checkpoint", out, "--data-dir", data_dir, "--out", again],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(again) as f:
+        evaluated = json.load(f)
+    for key in ("nll", "fid", "is", "mis", "am"):
+        assert evaluated[key] == pytest.approx(report[key], rel=1e-6), key
+    assert 0.0 < report["nll"] < 9.0 and report["classifier"].endswith(os.path.join("classifiers", "sc09-espeak"))
+
+
+def test_shipped_classifier_recognises_the_built_in_digits(data_dir):
+    """classifiers/sc09-espeak (made by `python metrics.py train-classifier --dataset sc09-espeak`, seed 0;
+    97.5% on the 400 clips of the default test split) must still recognise the built-in digits: at least
+    95% of the tiny set's 40 validation and test clips (other speakers than it was trained on)."""
+    import metrics
+    folder = metrics.find_classifier("sc09-espeak", "no/such/data/dir")
+    assert folder == os.path.join(HERE, "classifiers", "sc09-espeak")
+    params, config, _ = metrics.load_classifier(folder)
+    assert config["test_accuracy"] >= 0.95
+    ds = data.load("sc09-espeak", data_dir, "tiny")
+    right = total = 0
+    for split in (ds.validation, ds.test):
+        right += metrics.accuracy(params, metrics.mel_features(metrics._split_audio(split, ds.encoding)),
+                                  split.labels) * len(split)
+        total += len(split)
+    assert right / total >= 0.95, f"{right:.0f} of {total} clips recognised"

@@ -28,7 +28,12 @@ from einops import rearrange
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import data
+import metrics
 import pf
+import sample
+from checkpoint import (checkpoints, config_mismatch, first_readable, flatten, load_model,  # noqa: F401
+                        read_checkpoint, restore, save_checkpoint)
+from pf import DTYPES, nll_sum  # noqa: F401 (train.nll_sum is the loss train_step differentiates)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class TrainConfig:
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
     resume: bool = False  # continue from the newest readable checkpoint in --out
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
+    report_samples: int = 64  # spoken digits: clips sampled and scored (NLL, FID, IS, mIS, AM) at the end; 0: none
 
 
 PRESETS = {  # per dataset: (model changes, train changes); explicit flags override them
@@ -76,18 +82,7 @@ PRESETS = {  # per dataset: (model changes, train changes); explicit flags overr
 }
 
 
-# ---------------------------------------------------------------- loss, optimiser, train step
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: the compute dtype
-
-
-def nll_sum(params, tokens, mask, cfg, key=None, dtype="float32"):
-    """Sum of -log p(token) in nats over unmasked positions, and the number of those positions.
-    The logits and the cross-entropy are float32 whatever the compute dtype."""
-    logits = pf.apply(params, tokens.astype(jnp.int32), cfg, key=key, dtype=DTYPES[dtype])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32))
-    return jnp.sum(ce * mask), jnp.sum(mask)
+# ---------------------------------------------------------------- optimiser, train step (the loss: pf.nll_sum)
 
 
 def make_optimizer(tc):
@@ -165,11 +160,8 @@ def make_evaluate(cfg, mesh, dtype="float32"):
 
     def evaluate(params, split, batch_size):
         """NLL in bits per sample over the unmasked tokens of a split (no dropout)."""
-        total, count = 0.0, 0.0
-        for tokens, mask in data.eval_batches(split, batch_size):
-            t, c = nll(params, global_batch(tokens, rows), global_batch(mask, rows))
-            total, count = total + float(t), count + float(c)
-        return total / max(count, 1.0) / math.log(2)
+        return metrics.split_nll_bits(lambda tokens, mask: nll(params, tokens, mask), split, batch_size,
+                                      lambda rows_: global_batch(rows_, rows))
 
     return evaluate
 
@@ -214,57 +206,7 @@ def subset(split, n):
     return split if n is None else data.Split(split.tokens[:n], split.lengths[:n], split.labels[:n])
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def flatten(tree):
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def save_checkpoint(path, state, meta):
-    """Plain arrays keyed by tree path plus a JSON meta record, written atomically."""
-    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
-    data.write_atomic(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
-
-
-def read_checkpoint(path):
-    """-> (meta dict, {tree path: array}). Raises on a corrupt or truncated file (zip CRC checks)."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    return json.loads(str(arrays.pop("__meta__"))), arrays
-
-
-def config_mismatch(saved, cfg):
-    """Names of the model fields where a checkpoint's config differs from the requested one."""
-    theirs = dataclasses.asdict(pf.Config(**saved))
-    return [f"{k}: checkpoint {theirs[k]} vs requested {v}" for k, v in dataclasses.asdict(cfg).items()
-            if theirs[k] != v]
-
-
-def restore(template, arrays, path):
-    """Fill the template state's tree with the checkpoint's arrays, checking every path and shape."""
-    leaves = []
-    for key, leaf in flatten(template).items():
-        if key not in arrays or arrays[key].shape != leaf.shape:
-            raise ValueError(f"{path}: {key} is missing or has the wrong shape")
-        leaves.append(jnp.asarray(arrays[key], leaf.dtype))
-    return jax.tree.unflatten(jax.tree.structure(template), leaves)
-
-
-def checkpoints(out):
-    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith("ckpt_") and f.endswith(".npz"))
-
-
-def first_readable(paths):
-    """(path, meta, arrays) of the first checkpoint in paths that reads cleanly; a corrupt or
-    truncated one is reported and the next tried. None if there is none."""
-    for path in paths:
-        try:
-            return (path, *read_checkpoint(path))
-        except Exception as e:  # truncated zip, bad CRC, bad JSON...
-            print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one")
-    return None
+# ---------------------------------------------------------------- checkpoints (checkpoint.py)
 
 
 def load_latest(out, cfg, template):
@@ -279,28 +221,6 @@ def load_latest(out, cfg, template):
         raise SystemExit(f"error: {path} was trained with another model config; differing fields:\n  "
                          + "\n  ".join(diff))
     return restore(template, arrays, path), meta
-
-
-def load_model(checkpoint):
-    """(cfg, ema params, meta) from a run folder (best.npz, else the newest checkpoint) or an .npz
-    file: what sample.py and metrics.py evaluate."""
-    if not os.path.exists(checkpoint):
-        raise SystemExit(f"error: --checkpoint {checkpoint}: no such run folder or .npz file "
-                         f"(a train.py --out folder, e.g. runs/digits)")
-    best = os.path.join(checkpoint, "best.npz")
-    paths = [checkpoint] if checkpoint.endswith(".npz") else \
-        [best] * os.path.exists(best) + list(reversed(checkpoints(checkpoint)))
-    found = first_readable(paths)
-    if found is None:
-        raise SystemExit(f"error: no readable checkpoint in {checkpoint}")
-    path, meta, arrays = found
-    try:
-        cfg = pf.Config(**meta["model"])
-        template = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
-        ema = {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")}
-        return cfg, restore(template, ema, path), meta
-    except (TypeError, ValueError) as e:  # a checkpoint of another version of pf.py
-        raise SystemExit(f"error: {path} does not fit this pf.py ({e})")
 
 
 # ---------------------------------------------------------------- the loop
@@ -439,6 +359,8 @@ def main(argv=None):
     eval_batch = max(mesh.size, (tc.microbatch or tc.batch_size))
     log = open(os.path.join(tc.out, "log.jsonl"), "a") if lead else None
     best_val = meta.get("best_val")
+    run_start, minutes_before = time.perf_counter(), meta.get("minutes", 0.0)
+    minutes = lambda: round(minutes_before + (time.perf_counter() - run_start) / 60, 4)  # wall clock, all runs
 
     def write(record):
         say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
@@ -450,14 +372,14 @@ def main(argv=None):
         if not lead:
             return
         meta = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc), "data": resolved["data"],
-                "step": step, "epoch": epoch, "best_val": best_val}
+                "step": step, "epoch": epoch, "best_val": best_val, "minutes": minutes()}
         save_checkpoint(os.path.join(tc.out, name or f"ckpt_{step:08d}.npz"), state, meta)
         for old in checkpoints(tc.out)[:-tc.keep]:
             os.remove(old)
 
     def run_eval(step, epoch):
         nonlocal best_val
-        record = {"step": step, "epoch": epoch}
+        record = {"step": step, "epoch": epoch, "minutes": minutes()}
         for name in ("validation", "test"):
             key = "val_nll_bits" if name == "validation" else "test_nll_bits"
             record[key] = evaluate(state["ema"], subset(getattr(ds, name), tc.eval_clips), eval_batch)
@@ -475,9 +397,9 @@ def main(argv=None):
             if step >= total_steps or stop["signal"] or time.perf_counter() >= deadline:
                 break
             t0 = time.perf_counter()
-            state, metrics = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
+            state, stats = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
             if compile_s is None:  # the first step compiles: time it apart
-                jax.block_until_ready(metrics)
+                jax.block_until_ready(stats)
                 compile_s = time.perf_counter() - t0
                 say(f"compiled and ran the first step in {compile_s:.1f} s")
                 timer, timed_steps = time.perf_counter(), 0
@@ -486,12 +408,12 @@ def main(argv=None):
             done = step + 1
             bad_run = int(state["bad_run"])
             if done % tc.log_every == 0 or done == total_steps or bad_run:
-                metrics = jax.device_get(metrics)
+                stats = jax.device_get(stats)
                 elapsed = time.perf_counter() - timer
                 ms = 1000 * elapsed / max(timed_steps, 1)
-                write({"step": done, "epoch": epoch, "loss_bits": float(metrics["loss_bits"]),
-                       "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]), "ms_per_step": ms,
-                       "tokens_per_s": float(metrics["tokens"]) * 1000 / ms, "skipped": int(state["skipped"]),
+                write({"step": done, "epoch": epoch, "minutes": minutes(), "loss_bits": float(stats["loss_bits"]),
+                       "grad_norm": float(stats["grad_norm"]), "lr": float(stats["lr"]), "ms_per_step": ms,
+                       "tokens_per_s": float(stats["tokens"]) * 1000 / ms, "skipped": int(state["skipped"]),
                        "eta_min": min(ms * (total_steps - done), 1000 * (deadline - time.perf_counter())) / 60000})
             if bad_run >= tc.max_bad_steps:
                 save(done, epoch)  # the skipped steps left the parameters as they were: a good state
@@ -514,8 +436,15 @@ def main(argv=None):
         save(done, epoch)
         say(f"done: {done} steps, best validation NLL {best_val:.3f} bits (uniform guess: 8 bits, unigram "
             f"{unigram:.2f} bits)" if best_val is not None else f"done: {done} steps")
-        say(f"next: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'samples')}")
-        return 0
+    log.close() if log else None
+    if lead:
+        curves = os.path.join(tc.out, "curves.png")
+        metrics.write_png(curves, metrics.figure_curves(metrics.read_log(tc.out), f"Learning curves: {tc.out}"))
+        say(f"wrote {curves}")
+    if lead and jax.process_count() == 1 and tc.report_samples and ds.sample_rate == metrics.SAMPLE_RATE:
+        sample.quality_report(tc.out, tc.report_samples, dtype=tc.dtype, seed=tc.seed)  # (one process: sampling)
+    say(f"more samples: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'samples')}")
+    return 0
 
 
 if __name__ == "__main__":
