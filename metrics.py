@@ -1020,7 +1020,7 @@ def evaluate_samples(samples, classifier_dir, checkpoint_path=None, dtype='float
     rows = [(f'{os.path.basename(os.path.normpath(samples))} (n={len(clips)})', result)]
     if 'held-out test clips' in config.get('reference_scores', {}):
         ref = config['reference_scores']['held-out test clips']
-        rows.append((f'held-out {config["dataset"]} clips (n={ref["n"]})', ref))
+        rows.append((f'{config["dataset"]} test clips (n={ref["n"]})', ref))  # held-out: the ceiling
     print(format_table(rows))
     print(f'classifier: {classifier_dir} (test accuracy {config.get("test_accuracy", float("nan")):.4f}); '
           f'FID/AM against its {config["dataset"]} training-set statistics')

@@ -271,7 +271,7 @@ def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, comp
     out = str(tmp_path / "report")
     code, log = run(args(data_dir, out, "--report-samples", "4"), compile_cache)
     assert code == 0, log
-    assert "held-out sc09-espeak clips" in log and os.path.exists(os.path.join(out, "curves.png"))
+    assert "sc09-espeak test clips (n=400)" in log and os.path.exists(os.path.join(out, "curves.png"))
     wavs = sorted(f for f in os.listdir(os.path.join(out, "samples")) if f.endswith(".wav"))
     assert wavs == [f"sample_{i:03d}.wav" for i in range(4)]
     with open(os.path.join(out, "samples", "metrics.json")) as f:
