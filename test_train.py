@@ -291,7 +291,7 @@ def test_best_npz_holds_the_ema_of_the_lowest_validation_nll_and_keep_limits_the
     """Evaluation stubbed to return validation NLLs 3, 1, 2, 1.5 at steps 2, 4, 6, 8 (test NLLs lowest
     at step 6, not 4) and to save the EMA weights it was given: best.npz holds those of step 4 and
     says so; --keep 2 leaves only the newest two of the checkpoints written every 2 steps. (A
-    subprocess, so that the train step comes from the compilation cache.)"""
+    subprocess, so that the train step comes from the compilation cache the reference run filled.)"""
     out = str(tmp_path / "run")
     prefix = ("import numpy as np, train\n"
               "values, calls = iter([3.0, 3.0, 1.0, 2.0, 2.0, 0.5, 1.5, 2.5]), []  # (validation, test) pairs\n"
