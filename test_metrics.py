@@ -335,6 +335,15 @@ def test_mask_image_sets_one_band_and_one_frame_range_to_the_floor():
 
 # ---------------------------------------------------------------- scores() and `metrics.py evaluate`
 
+@pytest.fixture(scope='module')
+def tiny_data_dir(tmp_path_factory):
+    """A data folder holding the 'tiny' built-in set (200 clips), built once for this file."""
+    data = pytest.importorskip('data')
+    d = str(tmp_path_factory.mktemp('data'))
+    data.load('sc09-espeak', data_dir=d, size='tiny')
+    return d
+
+
 def sound_set(n, seed):
     """n one-second clips: a tone between 200 Hz and 4 kHz plus some noise, varied enough that an
     untrained classifier with a random head gives varied, non-uniform predictions."""
@@ -379,7 +388,8 @@ def test_scores_of_clips_match_the_loop_references(classifier_and_stats):
     assert_scores_match_loops(metrics.scores(params, stats, audio), params, train_feats, train_probs, audio)
 
 
-def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test_nll(classifier_and_stats, tmp_path, capsys):
+def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test_nll(classifier_and_stats, tiny_data_dir,
+                                                                                     tmp_path, capsys):
     """`metrics.py evaluate` end to end: WAVs in a folder, a classifier folder, a train.py checkpoint.
     The scores are those of the WAVs as the stdlib wave module reads them; the NLL column is the
     checkpoint's EMA model on the whole test split, computed here from pf.apply's logits."""
@@ -399,17 +409,18 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
         with wave.open(str(samples / f'sample_{i:03d}.wav')) as w:
             clips.append(np.frombuffer(w.readframes(w.getnframes()), '<i2') / 32768)
     # a train.py checkpoint of a tiny model trained on the tiny built-in set, 160-token rows
-    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0, scale=0.5)
-    model = pf.init(jax.random.key(2), cfg)
-    data_dir = str(tmp_path / 'data')
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)
+    rng = np.random.default_rng(2)
+    model = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(s.dtype),
+                         jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg)))
     meta = {'model': dataclasses.asdict(cfg), 'step': 5, 'epoch': 0, 'best_val': None,
-            'train': {'data_dir': data_dir, 'size': 'tiny', 'seq_len': 160, 'path': None, 'microbatch': None,
+            'train': {'data_dir': tiny_data_dir, 'size': 'tiny', 'seq_len': 160, 'path': None, 'microbatch': None,
                       'batch_size': 8},
             'data': {'name': 'sc09-espeak', 'encoding': 'mu-law', 'sample_rate': 16000, 'seq_len': 160}}
     (tmp_path / 'run').mkdir()
     train.save_checkpoint(str(tmp_path / 'run' / 'best.npz'), {'ema': model}, meta)
-    test = data.load('sc09-espeak', data_dir, 'tiny', seq_len=160).test
-    logits = np.asarray(pf.apply(model, np.asarray(test.tokens, np.int32), cfg), np.float64)
+    test = data.load('sc09-espeak', tiny_data_dir, 'tiny', seq_len=160).test
+    logits = np.asarray(jax.jit(pf.apply, static_argnames='cfg')(model, np.asarray(test.tokens, np.int32), cfg), np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     real = np.arange(160) < test.lengths[:, None]
@@ -486,12 +497,12 @@ def test_figures_command_reads_a_train_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- sanity on the built-in digits
 
-def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tmp_path):
+def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tiny_data_dir):
     """Issue item 3 in miniature (the full-size numbers are in the README): a classifier trained
     briefly on the 'tiny' built-in set (160 clips) already scores its held-out clips far better than
     white noise or silence: lower FID, higher IS, lower AM."""
     data = pytest.importorskip('data')
-    ds = data.load('sc09-espeak', data_dir=str(tmp_path), size='tiny')
+    ds = data.load('sc09-espeak', data_dir=tiny_data_dir, size='tiny')
     train, val, test = (metrics._split_audio(s, ds.encoding) for s in (ds.train, ds.validation, ds.test))
     params, info = metrics.train_classifier(jax.random.key(0), train, ds.train.labels,
                                             metrics.mel_features(val), ds.validation.labels,
