@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import types
 import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,7 +40,10 @@ def test_silence_is_token_128():
 
 
 def reference_mu_law(x):
-    """SPEC.md's formula, scalar, with the math module."""
+    """8-bit mu-law written out here in full, scalar, with the math module: the companding curve
+    y = sgn(x) ln(1 + mu |x|) / ln(1 + mu), mu = 255 (ITU-T G.711's mu-law, as WaveNet and SaShiMi
+    use it), then the 256-level quantiser q = floor((y + 1) / 2 * (256 - 0.01) + 0.005), which sends
+    -1 to 0, 0 to 128 and 1 to 255 (the project's specification of the encoding)."""
     y = math.copysign(math.log(1 + 255 * abs(x)) / math.log(256), x)
     return math.floor((y + 1) / 2 * (256 - 0.01) + 0.005)
 
@@ -174,8 +176,12 @@ def test_unreadable_wavs_raise_an_error_naming_the_file_and_the_reason(tmp_path)
         (tmp_path / name).write_bytes(content)
     raw_wav(tmp_path / 'alaw.wav', 6, 8, 1, 8000, b'\x55' * 10)
     raw_wav(tmp_path / 'nan.wav', 3, 32, 1, 16000, np.array([0, np.nan], np.float32).tobytes())
+    raw_wav(tmp_path / 'inf.wav', 3, 64, 1, 16000, np.array([0, -np.inf, 0.5]).tobytes())
+    raw_wav(tmp_path / 'no_samples.wav', 1, 16, 1, 16000, b'')
     cases['alaw.wav'] = (None, 'unsupported encoding: format tag 6')
     cases['nan.wav'] = (None, 'NaN or inf')
+    cases['inf.wav'] = (None, 'NaN or inf')
+    cases['no_samples.wav'] = (None, 'no samples')
     cases['missing.wav'] = (None, 'cannot open')
     for name, (_, reason) in cases.items():
         with pytest.raises(data.WavError) as e:
@@ -293,24 +299,33 @@ def test_sc09_reader_gives_the_list_file_splits_labels_and_padding(tiny):
     assert sorted(np.bincount(ds.train.labels).tolist()) == [16] * 10
 
 
-def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny, tmp_path):
+def counting_reads(monkeypatch):
+    """Count the WAV files data.py reads from now on (a cache hit reads none)."""
+    reads, real = [], data.read_wav
+    monkeypatch.setattr(data, 'read_wav', lambda path: reads.append(path) or real(path))
+    return reads
+
+
+def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny, tmp_path, monkeypatch):
     root = tmp_path / 'sc09'
     shutil.copytree(tiny[0], root)
+    reads = counting_reads(monkeypatch)
     first = data.load('sc09', data_dir=str(tmp_path), path=str(root))
-    started = time.perf_counter()
+    assert len(reads) == 200
     second = data.load('sc09', data_dir=str(tmp_path), path=str(root))
-    assert time.perf_counter() - started < 1.0
+    assert len(reads) == 200, 'the second load read WAV files: no cache hit'
     for s in data.SPLITS:
         for field in ('tokens', 'lengths', 'labels'):
             assert (getattr(getattr(first, s), field) == getattr(getattr(second, s), field)).all()
     listed = min((root / 'validation_list.txt').read_text().split(), key=lambda f: (data.DIGITS.index(f.split('/')[0]), f))
     data.write_wav(root / listed, np.linspace(-1, 1, 500))             # a different clip
     third = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert len(reads) > 200
     assert third.validation.lengths[0] == 500
     assert (third.validation.tokens[0, :500] == data.mu_law_encode(np.linspace(-1, 1, 500))).all()
 
 
-def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tiny, tmp_path, capsys):
+def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tiny, tmp_path, capsys, monkeypatch):
     root = tmp_path / 'sc09'
     shutil.copytree(tiny[0], root)
     wavs = sorted(root.glob('*/*.wav'))
@@ -319,8 +334,9 @@ def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tin
     assert sum(len(getattr(ds, s)) for s in data.SPLITS) == 199
     err = capsys.readouterr().err
     assert '1 of 200 files could not be read' in err and str(wavs[0]) in err and 'truncated' in err
+    reads = counting_reads(monkeypatch)
     data.load('sc09', data_dir=str(tmp_path), path=str(root))         # from the cache: reported again
-    assert '1 of 200 files could not be read' in capsys.readouterr().err
+    assert reads == [] and '1 of 200 files could not be read' in capsys.readouterr().err
     for w in wavs[1:4]:
         w.write_bytes(b'')
     with pytest.raises(data.DataError, match=r'4 of 200 files could not be read[\s\S]*empty file'):
@@ -345,6 +361,14 @@ def test_other_rates_and_formats_are_converted_and_long_clips_rejected(tiny, tmp
     assert row.lengths[index] == len(audio)                           # 44.1 kHz stereo 24-bit -> 16 kHz
     agree = np.mean(np.abs(row.tokens[index, :len(audio)].astype(int) - data.encode(audio, 'mu-law')) <= 2)
     assert agree > 0.95, agree
+
+
+def test_a_missing_digit_folder_is_named(tiny, tmp_path):
+    root = tmp_path / 'sc09'
+    shutil.copytree(tiny[0], root)
+    shutil.rmtree(root / 'seven')
+    with pytest.raises(data.DataError, match=re.escape(str(root / 'seven')) + r': missing digit folder'):
+        data.load('sc09', data_dir=str(tmp_path), path=str(root))
 
 
 def test_a_missing_list_file_is_named(tiny, tmp_path):
@@ -527,12 +551,14 @@ def test_download_resumes_a_partial_file_verifies_sha256_and_extracts_only_digit
         server.server_close()
 
 
-@pytest.mark.parametrize('kind', ['dotdot', 'absolute', 'symlink'])
+@pytest.mark.parametrize('kind', ['dotdot', 'absolute', 'symlink', 'hardlink', 'fifo', 'device'])
 def test_extraction_refuses_members_that_escape_the_target(tiny, tmp_path, kind):
-    info = {'dotdot': tarfile.TarInfo('../evil'), 'absolute': tarfile.TarInfo(str(tmp_path / 'evil')),
-            'symlink': tarfile.TarInfo('zero/link.wav')}[kind]
-    if kind == 'symlink':
-        info.type, info.linkname = tarfile.SYMTYPE, '../../evil'
+    """Paths out of the target, links (symbolic or hard) and special files, each inside a digit folder."""
+    info = tarfile.TarInfo({'dotdot': '../evil', 'absolute': str(tmp_path / 'evil')}.get(kind, f'zero/{kind}.wav'))
+    if kind in ('symlink', 'hardlink'):
+        info.type, info.linkname = {'symlink': tarfile.SYMTYPE, 'hardlink': tarfile.LNKTYPE}[kind], '../../evil'
+    elif kind in ('fifo', 'device'):
+        info.type = {'fifo': tarfile.FIFOTYPE, 'device': tarfile.CHRTYPE}[kind]
     else:
         info.size = 5
     (tmp_path / 'a.tar.gz').write_bytes(make_archive(tiny[0], [info]))

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import struct
+import wave
 import zlib
 
 import jax
@@ -311,8 +312,134 @@ def test_augmentation_keeps_length_and_shifts_in_time():
     assert outs.shape == (20, 16000) and np.isfinite(outs).all()
     peaks = np.abs(outs).argmax(1)
     assert np.all(np.abs(peaks - 8000) <= metrics.MAX_SHIFT) and len(set(peaks)) > 1
-    img = np.asarray(metrics.mask_image(jax.random.key(3), np.zeros((32, 32), np.float32), max_width=4))
-    assert set(np.unique(img)) <= {0.0, -80.0}
+
+
+def test_mask_image_sets_one_band_and_one_frame_range_to_the_floor():
+    """On an image with no value at the floor: what changed is exactly a run of at most 4 whole bands
+    (rows) and a run of at most 4 whole frames (columns), set to -80 dB; across keys, both happen."""
+    image = np.random.default_rng(0).uniform(-79, 0, (32, 32)).astype(np.float32)
+    widths = []
+    for seed in range(20):
+        out = np.asarray(metrics.mask_image(jax.random.key(seed), image, max_width=4))
+        changed = out != image
+        assert (out[changed] == -80.0).all()
+        rows, cols = np.flatnonzero(changed.all(1)), np.flatnonzero(changed.all(0))
+        expected = np.zeros_like(changed)
+        expected[rows], expected[:, cols] = True, True
+        assert (changed == expected).all(), f'key {seed}: not whole bands and frames'
+        for run in (rows, cols):
+            assert len(run) <= 4 and (len(run) == 0 or run[-1] - run[0] == len(run) - 1)
+        widths.append((len(rows), len(cols)))
+    assert max(w for w, _ in widths) > 0 and max(w for _, w in widths) > 0, widths
+
+
+# ---------------------------------------------------------------- scores() and `metrics.py evaluate`
+
+@pytest.fixture(scope='module')
+def tiny_data_dir(tmp_path_factory):
+    """A data folder holding the 'tiny' built-in set (200 clips), built once for this file."""
+    data = pytest.importorskip('data')
+    d = str(tmp_path_factory.mktemp('data'))
+    data.load('sc09-espeak', data_dir=d, size='tiny')
+    return d
+
+
+def sound_set(n, seed):
+    """n one-second clips: a tone between 200 Hz and 4 kHz plus some noise, varied enough that an
+    untrained classifier with a random head gives varied, non-uniform predictions."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000) / 16000
+    f = rng.uniform(200, 4000, (n, 1))
+    return (0.5 * np.sin(2 * np.pi * f * t) + rng.uniform(0, 0.3, (n, 1)) * rng.normal(size=(n, 16000))).astype(np.float32) / 2
+
+
+@pytest.fixture(scope='module')
+def classifier_and_stats():
+    """A small untrained classifier (widths 4, 8: 16 features, fewer than the clips, so the
+    covariances are full rank) with a random head on standardised features, so that its predictions
+    vary from clip to clip; and the training statistics of 32 clips, with their features and
+    probabilities."""
+    params = metrics.classifier_init(jax.random.key(0), widths=(4, 8), n_classes=10)
+    images = metrics.mel_features(sound_set(32, 0))
+    feats = metrics.classify(params, images)[0]
+    w = np.random.default_rng(0).normal(size=params['head']['w'].shape) / feats.std(0)[:, None] / 2
+    params['head'] = {'w': jax.numpy.asarray(w, np.float32), 'b': jax.numpy.asarray(-feats.mean(0) @ w, np.float32)}
+    feats, probs = metrics.classify(params, images)
+    stats = {'mu': feats.mean(0), 'sigma': np.cov(feats, rowvar=False), 'mean_probs': probs.mean(0)}
+    return params, stats, feats, probs
+
+
+def assert_scores_match_loops(got, params, train_feats, train_probs, audio):
+    feats, probs = metrics.classify(params, metrics.mel_features(audio))
+    assert got['n'] == len(audio)
+    assert got['am'] == pytest.approx(am_loop(train_probs, probs), rel=1e-9)
+    assert got['is'] == pytest.approx(is_loop(probs), rel=1e-9)
+    assert got['mis'] == pytest.approx(mis_loop(probs), rel=1e-9)
+    assert got['fid'] == pytest.approx(fid_reference(train_feats, feats), rel=1e-6)
+
+
+def test_scores_of_clips_match_the_loop_references(classifier_and_stats):
+    """scores(): AM (its own formula, against the training statistics' mean prediction), IS, mIS by
+    direct loops and FID by scipy's sqrtm, on predictions far from uniform."""
+    params, stats, train_feats, train_probs = classifier_and_stats
+    audio = sound_set(24, 1)
+    probs = metrics.classify(params, metrics.mel_features(audio))[1]
+    assert probs.max(1).mean() > 0.3 and metrics.inception_score(probs) > 1.5  # varied, not uniform
+    assert_scores_match_loops(metrics.scores(params, stats, audio), params, train_feats, train_probs, audio)
+
+
+def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test_nll(classifier_and_stats, tiny_data_dir,
+                                                                                     tmp_path, capsys):
+    """`metrics.py evaluate` end to end: WAVs in a folder, a classifier folder, a train.py checkpoint.
+    The scores are those of the WAVs as the stdlib wave module reads them; the NLL column is the
+    checkpoint's EMA model on the whole test split, computed here from pf.apply's logits."""
+    pf, train = pytest.importorskip('pf'), pytest.importorskip('train')
+    data = pytest.importorskip('data')
+    params, stats, train_feats, train_probs = classifier_and_stats
+    reference = {'n': 20, 'fid': 1.5, 'is': 2.5, 'mis': 3.5, 'am': 0.25}
+    metrics.save_classifier(str(tmp_path / 'classifier'), params,
+                            {'dataset': 'sc09-espeak', 'test_accuracy': 0.5,
+                             'reference_scores': {'held-out test clips': reference}}, stats)
+    samples = tmp_path / 'samples'
+    samples.mkdir()
+    for i, clip in enumerate(sound_set(6, 2)):
+        data.write_wav(samples / f'sample_{i:03d}.wav', clip)
+    clips = []
+    for i in range(6):
+        with wave.open(str(samples / f'sample_{i:03d}.wav')) as w:
+            clips.append(np.frombuffer(w.readframes(w.getnframes()), '<i2') / 32768)
+    # a train.py checkpoint of a tiny model trained on the tiny built-in set, 160-token rows
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)
+    rng = np.random.default_rng(2)
+    model = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(s.dtype),
+                         jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg)))
+    meta = {'model': dataclasses.asdict(cfg), 'step': 5, 'epoch': 0, 'best_val': None,
+            'train': {'data_dir': tiny_data_dir, 'size': 'tiny', 'seq_len': 160, 'path': None, 'microbatch': None,
+                      'batch_size': 8},
+            'data': {'name': 'sc09-espeak', 'encoding': 'mu-law', 'sample_rate': 16000, 'seq_len': 160}}
+    (tmp_path / 'run').mkdir()
+    train.save_checkpoint(str(tmp_path / 'run' / 'best.npz'), {'ema': model}, meta)
+    test = data.load('sc09-espeak', tiny_data_dir, 'tiny', seq_len=160).test
+    logits = np.asarray(jax.jit(pf.apply, static_argnames='cfg')(model, np.asarray(test.tokens, np.int32), cfg), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    real = np.arange(160) < test.lengths[:, None]
+    token_logp = np.take_along_axis(logp, test.tokens[..., None].astype(int), -1)[..., 0]
+    nll = -token_logp[real].mean() / math.log(2)
+
+    metrics.main(['evaluate', '--samples', str(samples), '--checkpoint', str(tmp_path / 'run'),
+                  '--classifier', str(tmp_path / 'classifier')])
+    with open(samples / 'metrics.json') as f:
+        written = json.load(f)
+    assert written['nll'] == pytest.approx(nll, abs=1e-4)
+    assert_scores_match_loops(written, params, train_feats, train_probs, np.stack(clips))
+    assert written['reference'] == reference
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if 'Test NLL' in line)
+    row = lines[header + 2].split()
+    assert row[:2] == ['samples', '(n=6)'] and float(row[2]) == pytest.approx(nll, abs=1e-3)
+    assert [float(v) for v in row[3:]] == pytest.approx([written[k] for k in ('fid', 'is', 'mis', 'am')], abs=0.01)
+    assert lines[header + 3].split()[:4] == ['sc09-espeak', 'test', 'clips', '(n=20)']
 
 
 # ---------------------------------------------------------------- figures
@@ -370,12 +497,12 @@ def test_figures_command_reads_a_train_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- sanity on the built-in digits
 
-def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tmp_path):
+def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tiny_data_dir):
     """Issue item 3 in miniature (the full-size numbers are in the README): a classifier trained
     briefly on the 'tiny' built-in set (160 clips) already scores its held-out clips far better than
     white noise or silence: lower FID, higher IS, lower AM."""
     data = pytest.importorskip('data')
-    ds = data.load('sc09-espeak', data_dir=str(tmp_path), size='tiny')
+    ds = data.load('sc09-espeak', data_dir=tiny_data_dir, size='tiny')
     train, val, test = (metrics._split_audio(s, ds.encoding) for s in (ds.train, ds.validation, ds.test))
     params, info = metrics.train_classifier(jax.random.key(0), train, ds.train.labels,
                                             metrics.mel_features(val), ds.validation.labels,

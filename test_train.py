@@ -1,6 +1,8 @@
 """train.py: learning, multi-device and multi-process equivalence, accumulation, crash safety,
 config mismatch and NaN handling, on a tiny model and the tiny built-in dataset."""
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh
 
@@ -66,9 +69,23 @@ def log_records(out):
 
 
 def assert_same_params(a, b, tol):
+    """Every array of a within tol of b's. A NaN anywhere fails: `not diff <= tol` is true for NaN,
+    where Python's max() over the per-key differences would have skipped it."""
     assert a.keys() == b.keys()
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    assert worst <= tol, f"largest parameter difference {worst:.3g} > {tol}"
+    diffs = {k: float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])), initial=0.0)) for k in a}
+    bad = {k: d for k, d in diffs.items() if not d <= tol}
+    assert not bad, f"largest parameter differences > {tol}: {dict(sorted(bad.items())[:5])}"
+
+
+def test_assert_same_params_fails_on_a_nan_in_any_array():
+    a = {"w": np.zeros(3), "z": np.zeros(2)}
+    assert_same_params(a, {"w": np.zeros(3), "z": np.full(2, 1e-7)}, 1e-6)
+    for key in ("w", "z"):  # a NaN in the first array and in a later one
+        b = {**a, key: np.array([0.0, np.nan, 0.0][: a[key].size])}
+        with pytest.raises(AssertionError, match=key):
+            assert_same_params(a, b, 1e-6)
+        with pytest.raises(AssertionError, match=key):
+            assert_same_params(b, a, 1e-6)
 
 
 @pytest.fixture(scope="session")
@@ -121,20 +138,181 @@ def test_two_processes_form_one_mesh_and_take_the_same_steps(reference, data_dir
     assert_same_params(final_params(str(tmp_path / "multi"))[1], final_params(reference)[1], 1e-5)
 
 
-def test_four_microbatches_of_two_give_the_update_of_one_batch_of_eight(data_dir):
-    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)  # no dropout: same masks
+TINY_CFG = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)  # no dropout: same masks
+
+
+def batch_mean_nll(params, tokens, mask, cfg):
+    """The loss of the recipe written out on its own: the mean over the batch's unmasked tokens of
+    -log p(token) in nats, from pf.apply's logits (not train.nll_sum)."""
+    logp = jax.nn.log_softmax(pf.apply(params, tokens, cfg))
+    nll = -jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+
+reference_grad = jax.jit(jax.value_and_grad(batch_mean_nll), static_argnums=3)
+
+
+def snapshot(tree):
+    """A flat NumPy copy (the train step donates its input state)."""
+    return {k: np.array(v, copy=True) for k, v in train.flatten(tree).items()}
+
+
+def global_norm(flat):
+    return math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in flat.values()))
+
+
+@pytest.fixture(scope="module")
+def readout_steps(data_dir):
+    """Three train steps with 4 microbatches of 2, EMA 0.8 and skip_norm set between the gradient
+    norms (by jax.grad) of two batches. The optimiser is swapped for SGD with learning rate 1 and a
+    momentum trace of decay 0, whose update is exactly -gradient and whose state is the last
+    gradient: the accumulated gradient can be read off the parameters (AdamW's first step is
+    invariant to the gradient's scale, so it would hide a wrong divisor).
+    Every batch has one row's tail masked (uneven token counts per microbatch: the mean must still be
+    over the batch). Step 0: the batch of largest gradient norm (skipped); step 1: the smallest;
+    step 2: another.
+    -> dict: skip_norm, norms (reference) of steps 0 and 1, reference (loss, grads) of step 1, states
+    (before and after each step, flat NumPy), metrics of each step."""
     ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
-    tokens, mask = next(data.batches(ds.train, 8, seed=0))
-    mask[3, 100:] = False  # uneven token counts per microbatch: the mean must still be over the batch
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    results = []
-    for micro in (None, 2):
-        tc = train.TrainConfig(batch_size=8, microbatch=micro, warmup=1)
-        state = jax.jit(lambda: train.init_state(cfg, tc))()
-        state, metrics = train.make_train_step(cfg, tc, mesh)(state, tokens, mask)
-        results.append((float(metrics["loss_bits"]), train.flatten(state["params"])))
-    assert abs(results[0][0] - results[1][0]) < 1e-5
-    assert_same_params(results[0][1], results[1][1], 1e-6)
+    batches = [(tokens.astype(np.int32), mask.copy()) for tokens, mask in data.batches(ds.train, 8, seed=0)][:6]
+    for _, mask in batches:
+        mask[3, 100:] = False
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "make_optimizer",
+                      lambda tc: (optax.sgd(1.0, momentum=0.0), optax.constant_schedule(1.0)))
+        tc = train.TrainConfig(batch_size=8, microbatch=2, ema=0.8)
+        state = jax.jit(lambda: train.init_state(TINY_CFG, tc))()
+        refs = [reference_grad(state["params"], tokens, mask, TINY_CFG) for tokens, mask in batches]
+        norms = [global_norm(snapshot(g)) for _, g in refs]
+        order = np.argsort(norms)
+        skip_norm = (norms[order[-1]] + norms[order[-2]]) / 2
+        step = train.make_train_step(TINY_CFG, dataclasses.replace(tc, skip_norm=skip_norm),
+                                     Mesh(np.array(jax.devices()[:1]), ("data",)))
+        states, metrics = [snapshot(state)], []
+        for i in (order[-1], order[0], order[1]):
+            state, m = step(state, *batches[i])
+            states.append(snapshot(state))
+            metrics.append(jax.device_get(m))
+    return {"skip_norm": skip_norm, "norms": (norms[order[-1]], norms[order[0]]), "reference": refs[order[0]],
+            "states": states, "metrics": metrics}
+
+
+def part(flat, prefix):
+    return {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + "/")}
+
+
+def test_four_microbatches_of_two_give_the_update_of_one_batch_of_eight(readout_steps):
+    """The gradient accumulated over 4 microbatches of 2 rows (read off the SGD update of step 1)
+    equals jax.grad of the whole batch's mean NLL; so do the loss and the gradient norm."""
+    ref_loss, ref_grads = readout_steps["reference"]
+    ref_grads = snapshot(ref_grads)
+    before, after = (part(s, "params") for s in readout_steps["states"][1:3])
+    grads = {k: before[k] - after[k] for k in before}
+    scale = max(float(np.abs(g).max()) for g in ref_grads.values())
+    assert scale > 0.01, "the parameters must move for the comparison to mean anything"
+    assert_same_params(grads, ref_grads, 1e-4 * scale)
+    metrics = readout_steps["metrics"][1]
+    assert abs(float(metrics["loss_bits"]) - float(ref_loss) / math.log(2)) < 1e-5
+    assert abs(float(metrics["grad_norm"]) - global_norm(ref_grads)) < 1e-4 * global_norm(ref_grads)
+
+
+def test_an_update_whose_gradient_norm_exceeds_skip_norm_is_skipped(readout_steps):
+    """The author skips updates whose gradient norm exceeds 1000 (here set between two batches'
+    norms): the skipped step leaves parameters, optimiser state (the last gradient) and EMA exactly
+    as they were, and counts itself; the next, below the threshold, is applied."""
+    skip_norm, (high, low), states, metrics = (readout_steps[k] for k in ("skip_norm", "norms", "states", "metrics"))
+    assert high > skip_norm > low
+    np.testing.assert_allclose([float(m["grad_norm"]) for m in metrics[:2]], [high, low], rtol=1e-4)
+    assert [bool(m["ok"]) for m in metrics] == [float(m["grad_norm"]) <= skip_norm for m in metrics]
+    assert [bool(m["ok"]) for m in metrics[:2]] == [False, True]
+    for name in ("params", "opt_state", "ema"):
+        assert_same_params(part(states[1], name), part(states[0], name), 0.0)
+    assert global_norm(part(states[2], "opt_state")) > 0.1  # the applied step stored its gradient
+    assert [int(s["skipped"]) for s in states] == [0, 1, 1, 1 + (not metrics[2]["ok"])]
+    assert [int(s["bad_run"]) for s in states[:3]] == [0, 1, 0]
+
+
+def test_ema_is_decay_times_ema_plus_one_minus_decay_times_the_new_weights(readout_steps):
+    """EMA 0.8 by hand from the parameters after each step: e_0 = p_0, e_t = 0.8 e_(t-1) + 0.2 p_t
+    for every applied step (a skipped step changes neither)."""
+    states, metrics = readout_steps["states"], readout_steps["metrics"]
+    ema = part(states[0], "params")
+    for state, m in zip(states[1:], metrics):
+        if m["ok"]:
+            ema = {k: 0.8 * e + 0.2 * part(state, "params")[k] for k, e in ema.items()}
+        assert_same_params(part(state, "ema"), ema, 1e-6)
+    params = part(states[-1], "params")
+    assert max(float(np.abs(ema[k] - params[k]).max()) for k in ema) > 1e-3  # swapping the terms would show
+
+
+# ---------------------------------------------------------------- 3b. the optimiser, best.npz, --keep
+
+
+def adamw_by_hand(params, grads, tc, clip):
+    """AdamW written out in NumPy (float64): clip the global norm to `clip`, Adam's moments and bias
+    correction, decoupled weight decay, lr warming up linearly from 0 over tc.warmup updates."""
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m, v = ({k: np.zeros_like(x) for k, x in p.items()} for _ in range(2))
+    for t, g in enumerate(grads, 1):
+        factor = min(1.0, clip / global_norm(g))
+        lr = tc.lr * min((t - 1) / tc.warmup, 1.0)
+        for k in p:
+            gk = g[k].astype(np.float64) * factor
+            m[k] = tc.b1 * m[k] + (1 - tc.b1) * gk
+            v[k] = tc.b2 * v[k] + (1 - tc.b2) * gk**2
+            m_hat, v_hat = m[k] / (1 - tc.b1**t), v[k] / (1 - tc.b2**t)
+            p[k] = p[k] - lr * (m_hat / (np.sqrt(v_hat) + 1e-8) + tc.weight_decay * p[k])
+    return p
+
+
+def test_optimizer_clips_the_global_gradient_norm_at_200_then_applies_adamw():
+    """train.make_optimizer with the thesis defaults against AdamW by hand, fed gradients whose global
+    norm is above and below 200."""
+    tc = train.TrainConfig(warmup=3)
+    assert (tc.clip_norm, tc.skip_norm, tc.lr, tc.b1, tc.b2, tc.weight_decay) == (200.0, 1000.0, 0.002, 0.9, 0.999, 1e-4)
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    grads = []
+    for norm in (500.0, 50.0, 300.0, 1000.0, 100.0):
+        g = {k: rng.normal(size=x.shape) for k, x in params.items()}
+        grads.append({k: (x * norm / global_norm(g)).astype(np.float32) for k, x in g.items()})  # global norm `norm`
+    optimizer, _ = train.make_optimizer(tc)
+    state, p = optimizer.init(params), params
+    for t in range(len(grads)):
+        updates, state = optimizer.update(grads[t], state, p)
+        p = optax.apply_updates(p, updates)
+        assert_same_params({k: np.asarray(x) for k, x in p.items()}, adamw_by_hand(params, grads[: t + 1], tc, 200.0), 1e-6)
+    clipped, unclipped = adamw_by_hand(params, grads, tc, 200.0), adamw_by_hand(params, grads, tc, math.inf)
+    assert max(float(np.abs(clipped[k] - unclipped[k]).max()) for k in params) > 1e-4  # clipping shows here
+
+
+def test_best_npz_holds_the_ema_of_the_lowest_validation_nll_and_keep_limits_the_checkpoints(
+        reference, data_dir, compile_cache, tmp_path):
+    """Evaluation stubbed to return validation NLLs 3, 1, 2, 1.5 at steps 2, 4, 6, 8 (test NLLs lowest
+    at step 6, not 4) and to save the EMA weights it was given: best.npz holds those of step 4 and
+    says so; --keep 2 leaves only the newest two of the checkpoints written every 2 steps. (A
+    subprocess, so that the train step comes from the compilation cache the reference run filled.)"""
+    out = str(tmp_path / "run")
+    prefix = ("import numpy as np, train\n"
+              "values, calls = iter([3.0, 3.0, 1.0, 2.0, 2.0, 0.5, 1.5, 2.5]), []  # (validation, test) pairs\n"
+              "def make_evaluate(cfg, mesh):\n"
+              "    def evaluate(params, split, batch_size):\n"
+              "        calls.append(1)\n"
+              f"        np.savez({out!r} + f'/evaluated_{{len(calls)}}.npz', **train.flatten(params))\n"
+              "        return next(values)\n"
+              "    return evaluate\n"
+              "train.make_evaluate = make_evaluate\n")
+    argv = args(data_dir, out, "--eval-every", "2", "--ckpt-every", "2", "--keep", "2")
+    argv[argv.index("--steps") + 1] = "8"
+    code, log = run(argv, compile_cache, prefix=prefix)
+    assert code == 0, log
+    assert [r["step"] for r in log_records(out) if "val_nll_bits" in r] == [2, 4, 6, 8]
+    meta, arrays = train.read_checkpoint(os.path.join(out, "best.npz"))
+    assert (meta["step"], meta["best_val"]) == (4, 1.0)
+    evaluated = [dict(np.load(os.path.join(out, f"evaluated_{i}.npz"))) for i in (3, 7)]  # step 4, step 8
+    assert_same_params(part(arrays, "ema"), evaluated[0], 0.0)
+    assert max(float(np.abs(evaluated[0][k] - evaluated[1][k]).max()) for k in evaluated[0]) > 1e-4
+    assert [os.path.basename(p) for p in train.checkpoints(out)] == ["ckpt_00000006.npz", "ckpt_00000008.npz"]
 
 
 # ---------------------------------------------------------------- 4. crash safety
@@ -213,6 +391,24 @@ def test_sigint_saves_and_exits_cleanly(data_dir, compile_cache, tmp_path):
     assert proc.returncode == 130 and "continue with --resume" in log, log
     meta = final_params(out)[0]
     assert meta["step"] >= 2 and meta["step"] == max(r["step"] for r in log_records(out) if "loss_bits" in r)
+
+
+def test_sigterm_saves_exits_130_and_resume_continues_from_the_saved_step(data_dir, compile_cache, tmp_path):
+    out = str(tmp_path / "terminated")
+    argv = args(data_dir, out)
+    argv[argv.index("--steps") + 1] = "1000"
+    proc = run(argv, compile_cache, wait=False)
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "continue with --resume" in log, log
+    saved = final_params(out)[0]["step"]
+    assert saved >= 2 and saved == max(r["step"] for r in log_records(out) if "loss_bits" in r)
+    argv[argv.index("--steps") + 1] = str(saved + 2)
+    code, log = run([*argv, "--resume"], compile_cache)
+    assert code == 0 and f"resumed from step {saved}" in log, log
+    assert final_params(out)[0]["step"] == saved + 2
+    assert [r["step"] for r in log_records(out) if "loss_bits" in r][-2:] == [saved + 1, saved + 2]
 
 
 # ---------------------------------------------------------------- 5. config mismatch, NaN
