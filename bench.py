@@ -386,11 +386,13 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"error: {flag} {text!r} is not JSON ({e})")
     try:
-        cfg = pf.Config(**json.loads(a.model))
+        pf.Config(**json.loads(a.model))
         if min(a.batch, a.seq_len, a.repeats, a.microbatch or 1) < 1:
             raise ValueError(f"--batch {a.batch}, --seq-len {a.seq_len}, --repeats {a.repeats} and --microbatch "
                              f"{a.microbatch} must be >= 1")
-        cfg.check_length(a.seq_len)
+        if a.part == "train":  # the step's models must fit the sequence (the other parts run any length)
+            for v in json.loads(a.variants):
+                pf.Config(**v.get("model", {})).check_length(a.seq_len)
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid Config fields, bad numbers
         raise SystemExit(f"error: {e}")
     if a.part:

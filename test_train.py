@@ -295,7 +295,7 @@ def test_best_npz_holds_the_ema_of_the_lowest_validation_nll_and_keep_limits_the
     out = str(tmp_path / "run")
     prefix = ("import numpy as np, train\n"
               "values, calls = iter([3.0, 3.0, 1.0, 2.0, 2.0, 0.5, 1.5, 2.5]), []  # (validation, test) pairs\n"
-              "def make_evaluate(cfg, mesh):\n"
+              "def make_evaluate(cfg, mesh, dtype='float32'):\n"
               "    def evaluate(params, split, batch_size):\n"
               "        calls.append(1)\n"
               f"        np.savez({out!r} + f'/evaluated_{{len(calls)}}.npz', **train.flatten(params))\n"
