@@ -95,16 +95,16 @@ def test_step_equals_apply_in_bf16(deepest):
 
 
 def test_bf16_training_loss_tracks_float32():
-    """120 steps of a tiny model on a learnable toy task (a noisy sine wave's tokens), in float32 and
+    """80 steps of a tiny model on a learnable toy task (a noisy sine wave's tokens), in float32 and
     in bf16 from the same init and data. The two trajectories round differently and drift apart
     step by step; what must hold is that bf16 learns as float32 does: the loss falls by over 2 bits
-    in both, and the mean loss over the last 30 steps agrees within 0.02 bits (bf16's rounding of
+    in both, and the mean loss over the last 20 steps agrees within 0.02 bits (bf16's rounding of
     activations, ~0.4% each, averages out in a loss over 512 tokens: measured 1e-4 bits here)."""
     cfg = pf.Config(pooling=(2,), layers=(1, 1), **SMALL)
     rng = np.random.default_rng(0)
     t = np.arange(64)
-    phase = rng.uniform(0, 2 * np.pi, (120, 8, 1))
-    tokens = np.clip(128 + 100 * np.sin(2 * np.pi * t / 16 + phase) + rng.normal(0, 3, (120, 8, 64)), 0, 255)
+    phase = rng.uniform(0, 2 * np.pi, (80, 8, 1))
+    tokens = np.clip(128 + 100 * np.sin(2 * np.pi * t / 16 + phase) + rng.normal(0, 3, (80, 8, 64)), 0, 255)
     tokens = tokens.astype(np.uint8)
     mask = np.ones((8, 64), bool)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -119,8 +119,8 @@ def test_bf16_training_loss_tracks_float32():
             losses.append(float(m["loss_bits"]))
         curves[dtype] = np.array(losses)
     f32, b16 = curves["float32"], curves["bfloat16"]
-    assert f32[:5].mean() - f32[-30:].mean() > 2.0 and b16[:5].mean() - b16[-30:].mean() > 2.0
-    gap = abs(f32[-30:].mean() - b16[-30:].mean())
+    assert f32[:5].mean() - f32[-20:].mean() > 2.0 and b16[:5].mean() - b16[-20:].mean() > 2.0
+    gap = abs(f32[-20:].mean() - b16[-20:].mean())
     assert gap < 0.02, f"bf16 ends {gap:.4f} bits from float32"
     assert np.abs(f32 - b16).max() > 0  # the bf16 run is not the float32 run
 
