@@ -436,14 +436,15 @@ def main(argv=None):
         save(done, epoch)
         say(f"done: {done} steps, best validation NLL {best_val:.3f} bits (uniform guess: 8 bits, unigram "
             f"{unigram:.2f} bits)" if best_val is not None else f"done: {done} steps")
-    log.close() if log else None
-    if lead:
+    if log:
+        log.close()
+    if lead and done > 0:
         curves = os.path.join(tc.out, "curves.png")
         metrics.write_png(curves, metrics.figure_curves(metrics.read_log(tc.out), f"Learning curves: {tc.out}"))
         say(f"wrote {curves}")
     if lead and jax.process_count() == 1 and tc.report_samples and ds.sample_rate == metrics.SAMPLE_RATE:
         sample.quality_report(tc.out, tc.report_samples, dtype=tc.dtype, seed=tc.seed)  # (one process: sampling)
-    say(f"more samples: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'samples')}")
+    say(f"more samples: python sample.py --checkpoint {tc.out} --n 16 --out {os.path.join(tc.out, 'more')}")
     return 0
 
 
