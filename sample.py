@@ -41,6 +41,7 @@ def generate(params, cfg, key, prompt, prompt_len, temperature=1.0, top_p=1.0, d
     -> tokens (B, S), log p(token) (B, S) under the model itself (temperature 1, no filtering).
     dtype: the compute dtype (pf.DTYPES)."""
     dtype = pf.DTYPES[dtype]
+    params = pf.compute_params(params, dtype)  # cast once, not at every token (step's own cast is then a no-op)
     batch, length = prompt.shape
 
     def body(carry, inputs):
