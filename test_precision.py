@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh
 
 import pf
 import train
+from test_bench import inner_jaxprs
 
 BF16 = jnp.bfloat16
 SMALL = dict(d_model=32, d_rnn=64, dropout=0.0)
@@ -20,10 +20,8 @@ def equations(jaxpr):
     """Every equation of a jaxpr, those of inner jaxprs (scan and cond bodies, remat, custom VJPs) included."""
     for eqn in jaxpr.eqns:
         yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else [value]:
-                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    yield from equations(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+        for sub in inner_jaxprs(eqn):
+            yield from equations(sub)
 
 
 def float_dtypes(eqn):

@@ -380,30 +380,27 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, d
     assert_same_params(final_params(out)[1], final_params(reference)[1], 1e-6)
 
 
-def test_sigint_saves_and_exits_cleanly(data_dir, compile_cache, tmp_path):
-    out = str(tmp_path / "interrupted")
+def interrupt(data_dir, compile_cache, out, signum):
+    """A 1000-step run sent signum once it has logged step 2: it saves and exits 130. -> (argv, saved step)."""
     argv = args(data_dir, out)
     argv[argv.index("--steps") + 1] = "1000"
     proc = run(argv, compile_cache, wait=False)
     wait_for_step(proc, out, 2)
-    proc.send_signal(signal.SIGINT)
-    log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130 and "continue with --resume" in log, log
-    meta = final_params(out)[0]
-    assert meta["step"] >= 2 and meta["step"] == max(r["step"] for r in log_records(out) if "loss_bits" in r)
-
-
-def test_sigterm_saves_exits_130_and_resume_continues_from_the_saved_step(data_dir, compile_cache, tmp_path):
-    out = str(tmp_path / "terminated")
-    argv = args(data_dir, out)
-    argv[argv.index("--steps") + 1] = "1000"
-    proc = run(argv, compile_cache, wait=False)
-    wait_for_step(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "continue with --resume" in log, log
     saved = final_params(out)[0]["step"]
     assert saved >= 2 and saved == max(r["step"] for r in log_records(out) if "loss_bits" in r)
+    return argv, saved
+
+
+def test_sigint_saves_and_exits_cleanly(data_dir, compile_cache, tmp_path):
+    interrupt(data_dir, compile_cache, str(tmp_path / "interrupted"), signal.SIGINT)
+
+
+def test_sigterm_saves_exits_130_and_resume_continues_from_the_saved_step(data_dir, compile_cache, tmp_path):
+    out = str(tmp_path / "terminated")
+    argv, saved = interrupt(data_dir, compile_cache, out, signal.SIGTERM)
     argv[argv.index("--steps") + 1] = str(saved + 2)
     code, log = run([*argv, "--resume"], compile_cache)
     assert code == 0 and f"resumed from step {saved}" in log, log
