@@ -114,7 +114,6 @@ def timed(fn, *args, repeats=3, options=None):
 def part_matmul(a):
     """The MFU denominator: an n^3 matmul (2048 float32 on the CPU; --device: 8192 bfloat16)."""
     import jax
-    import jax.numpy as jnp
     n = a.n or 2048
     x = jax.random.normal(jax.random.key(0), (n, n)).astype(a.dtype)
     _, s = timed(lambda x: x @ x, x, repeats=5)

@@ -4,7 +4,6 @@ float32. Tolerances come from bf16's rounding: 8 significant bits, a relative er
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import Mesh
 
