@@ -56,9 +56,16 @@ VARIANTS = {"baseline": {}, "no_pooling": {"model": NO_POOLING}, "fixes_off": {"
 BF16 = {"dtype": "bfloat16"}
 DEVICE_CORE = {"bf16": BF16, "f32": {}, "no_pooling_bf16": {**BF16, "model": NO_POOLING},
                "no_pooling_f32": {"model": NO_POOLING}}
-DEVICE_TUNING = {"chunk_16": {**BF16, "chunk": 16}, "chunk_256": {**BF16, "chunk": 256},
-                 "plain_scan": {**BF16, "chunk": 1}, "remat_dots": {**BF16, "remat": "dots"}}
-QUICK_CORE, QUICK_TUNING = ("bf16", "f32"), ("remat_dots",)  # --device --quick (the CPU test): fewer compiles
+# "tuning": against core's bf16 (pf.scan_chunk(): the plain associative scan on an accelerator), the
+# blocked scan at 64 and the "dots" remat policy; part `scan` sweeps chunks 16, 64, 256 on the scan alone
+# (five full training steps compiling at once outran 7 minutes on an H100).
+DEVICE_TUNING = {"chunk_64": {**BF16, "chunk": 64}, "remat_dots": {**BF16, "remat": "dots"}}
+# "memory" (not in the default --groups): no remat at all fits once the batch is accumulated in microbatches
+# (XLA's 147 GiB for the whole batch, over 8): it trades the backward pass's recomputation for a loop. On an
+# H100 it measured 890 ms against 416 ms for the default step: the loop costs more than the remat.
+DEVICE_MEMORY = {"micro8": {**BF16, "microbatch": 8}, "micro8_no_remat": {**BF16, "microbatch": 8, "remat": "none"}}
+DEVICE_GROUPS = {"core": DEVICE_CORE, "tuning": DEVICE_TUNING, "memory": DEVICE_MEMORY}
+QUICK = {"core": ("bf16", "f32"), "tuning": ("chunk_64", "remat_dots"), "memory": ("micro8_no_remat",)}  # --quick: fewer compiles
 THESIS_TOKENS_PER_S = 31158 * 16000 * 11.45 / 3600  # thesis Table 4.2: 11.45 epochs/hour on a TPU v3-128 pod
 TINY = {"pooling": (2, 2), "layers": (1, 1, 1), "d_model": 32, "d_rnn": 64}  # --device --quick: the CPU test
 TINY_NO_POOLING = {**TINY, "pooling": (), "layers": (3,)}
@@ -117,7 +124,10 @@ def part_matmul(a):
     n = a.n or 2048
     x = jax.random.normal(jax.random.key(0), (n, n)).astype(a.dtype)
     _, s = timed(lambda x: x @ x, x, repeats=5)
-    return {"matmul_peak_gflops": 2 * n**3 / s / 1e9, "matmul_n": n, "matmul_dtype": a.dtype}
+    y = jax.random.normal(jax.random.key(1), (n, n * 4))  # float32: 256 MiB at n = 8192
+    _, copy_s = timed(lambda y: y * 2.0 + 1.0, y, repeats=5)  # reads y once, writes once
+    return {"matmul_peak_gflops": 2 * n**3 / s / 1e9, "matmul_n": n, "matmul_dtype": a.dtype,
+            "bandwidth_gb_per_s": 2 * y.nbytes / copy_s / 1e9}
 
 
 def strip_to_matmuls(pf, cfg, set_attr):
@@ -155,7 +165,7 @@ def patches():
             setattr(obj, name, value)
 
 
-REMAT_POLICIES = {"input": None, "dots": "dots_with_no_batch_dims_saveable"}
+REMAT_POLICIES = {"input": None, "dots": "dots_with_no_batch_dims_saveable"}  # "none": pf.REMAT = False
 
 
 def part_train(a):
@@ -163,7 +173,7 @@ def part_train(a):
     its own patches, then timed in alternation (round r times every variant once), so slow spells
     of this shared machine hit them alike and their ratios hold. Variant keys: model (Config
     changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), remat
-    (a REMAT_POLICIES key), before (CPU fixes off), matmul_only (strip_to_matmuls). A variant that
+    (a REMAT_POLICIES key, or "none": no remat), microbatch (rows per microbatch), before (CPU fixes off), matmul_only (strip_to_matmuls). A variant that
     fails to compile or run (out of memory, say) reports its error and the others go on. Each variant
     is traced under its patches, then all compile at once in threads (XLA compiles outside the GIL):
     compile_s is wall time while the others compile too."""
@@ -178,7 +188,8 @@ def part_train(a):
     runs = []
     for v in json.loads(a.variants):
         cfg = pf.Config(**v.get("model", {}))
-        tc = train.TrainConfig(batch_size=a.batch, microbatch=a.microbatch, dtype=v.get("dtype", "float32"))
+        tc = train.TrainConfig(batch_size=a.batch, microbatch=v.get("microbatch", a.microbatch),
+                               dtype=v.get("dtype", "float32"))
         run = {"variant": v, "times": []}
         runs.append(run)
         try:
@@ -188,6 +199,8 @@ def part_train(a):
                     set_attr(train, "compiler_options", lambda: None)
                 if v.get("chunk"):
                     set_attr(pf, "SCAN_CHUNK", v["chunk"])
+                if v.get("remat") == "none":
+                    set_attr(pf, "REMAT", False)
                 if REMAT_POLICIES.get(v.get("remat")):
                     set_attr(pf, "REMAT_POLICY", getattr(jax.checkpoint_policies, REMAT_POLICIES[v["remat"]]))
                 if v.get("matmul_only"):
@@ -203,11 +216,12 @@ def part_train(a):
         start = time.perf_counter()
         try:
             run["compiled"] = run.pop("lowered").compile()
+            run["hbm_gb"] = hbm_gb(run["compiled"])
         except Exception as e:  # noqa: BLE001
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         run["compile_s"] = time.perf_counter() - start
 
-    with ThreadPoolExecutor(len(runs)) as pool:
+    with ThreadPoolExecutor(min(4, len(runs))) as pool:  # more at once slowed an H100 host's compiles
         list(pool.map(compile_one, [run for run in runs if "lowered" in run]))
     for run in runs:
         try:
@@ -235,7 +249,7 @@ def part_train(a):
         s = float(np.median(run["times"]))
         out.append({"variant": run["variant"], "ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s,
                     "trace_s": run["trace_s"], "compile_s": run["compile_s"], "memory_gib": run["memory_gib"],
-                    "loss_bits": run["loss_bits"],
+                    "loss_bits": run["loss_bits"], "hbm_gb_per_step": run["hbm_gb"],
                     "model_gflops_per_step": 3 * count_flops(run["cfg"]) * n_tokens / 1e9,
                     "params": pf.count_params(run["state"]["params"])})
     out[0]["peak_mem_gib"] = peak_gib()  # of the whole process: the first variant's alone if it is the only one
@@ -250,6 +264,17 @@ def executable_gib(compiled):
     if m is None:
         return None
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 2**30
+
+
+def hbm_gb(compiled):
+    """XLA's cost model: GB the step reads and writes in memory (over the device's bandwidth: the time a
+    step bound by memory traffic would take)."""
+    try:
+        c = compiled.cost_analysis()
+        c = c[0] if isinstance(c, list) else c
+        return c.get("bytes accessed", 0.0) / 1e9 or None
+    except Exception:  # noqa: BLE001 -- not every backend has it
+        return None
 
 
 def device_peak_gib():
@@ -293,12 +318,16 @@ def part_scan(a):
     a_ = mag * jnp.exp(1j * jax.random.uniform(k2, shape, maxval=0.3))
     b_ = jax.random.normal(k3, shape) + 0j
     out = {}
-    plain = lambda a, b: pf.scan_associative(a, b, chunk=1)
-    for name, scan in (("assoc", pf.scan_associative), ("plain", plain), ("seq", pf.scan_sequential)):
+    chunked = lambda k: lambda a, b: pf.scan_associative(a, b, chunk=k)
+    scans = {"assoc": pf.scan_associative, "plain": chunked(1), "seq": pf.scan_sequential}
+    if a.device:  # the chunk sweep
+        scans.update({f"chunk_{k}": chunked(k) for k in (16, 64, 256)})
+    for name, scan in scans.items():
         loss = lambda a, b: jnp.sum(jnp.abs(scan(a, b)) ** 2)
         _, out[name] = timed(jax.value_and_grad(loss, (0, 1)), a_.astype(jnp.complex64), b_.astype(jnp.complex64))
     return {"scan_assoc_ms": 1000 * out["assoc"], "scan_plain_assoc_ms": 1000 * out["plain"],
-            "scan_seq_ms": 1000 * out["seq"], "scan_assoc_over_seq": out["assoc"] / out["seq"]}
+            "scan_seq_ms": 1000 * out["seq"], "scan_assoc_over_seq": out["assoc"] / out["seq"],
+            **{f"scan_{k}_ms": 1000 * v for k, v in out.items() if k.startswith("chunk_")}}
 
 
 def part_sampler(a):
@@ -366,6 +395,9 @@ def main(argv=None):
     p.add_argument("--device", action="store_true", help="the accelerator benchmark: batch 32 x 16,000, "
                    "float32 and bfloat16, scan chunk and remat sweep, pooling speedup, sampler")
     p.add_argument("--budget", type=float, default=480, help="--device: seconds for all parts together")
+    p.add_argument("--groups", default="core,tuning", help="--device: the groups of training steps "
+                   "to time, comma-separated (core: the issue's table; tuning: scan chunks and remat; memory: "
+                   "no remat over microbatches)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="--part matmul, block, sampler: the compute dtype")
     p.add_argument("--n", type=int, help="--part matmul: the matrix size (default 2048)")
@@ -471,12 +503,19 @@ def main_device(a, argv):
         print(f"[{a.budget - left():.0f} s]", end=" ")
         return run_part(name, timeout=left(), **kw)
 
+    groups = a.groups.split(",")
+    unknown = set(groups) - set(DEVICE_GROUPS)
+    if unknown:
+        raise SystemExit(f"error: --groups: unknown {', '.join(sorted(unknown))}; choose from {', '.join(DEVICE_GROUPS)}")
     r["matmul"] = part("matmul", dtype="bfloat16", n=256 if a.quick else 8192)
-    r["matmul_f32"] = part("matmul", dtype="float32", n=256 if a.quick else 8192)
+    if "core" in groups:
+        r["matmul_f32"] = part("matmul", dtype="float32", n=256 if a.quick else 8192)
     save()
-    for group, variants in (("core", DEVICE_CORE), ("tuning", DEVICE_TUNING)):
+    for group in groups:
+        variants = DEVICE_GROUPS[group]
         if a.quick:
-            variants = {k: v for k, v in variants.items() if k in QUICK_CORE + QUICK_TUNING}
+            variants = {k: {**v, "microbatch": 1} if "microbatch" in v else v
+                        for k, v in variants.items() if k in QUICK[group]}
         resolved = [{**v, "model": {**base, **(no_pool if "model" in v else {})}} for v in variants.values()]
         out = part("train", variants=resolved, batch=batch, seq_len=length, repeats=a.repeats)
         r[group] = dict(zip(variants, out)) if out else {}
@@ -487,22 +526,31 @@ def main_device(a, argv):
                                          dtype="bfloat16")
             save()
     r.update(part("block", model=base, batch=batch, seq_len=length, dtype="bfloat16"))
+    r.update(part("scan", batch=batch, device=True))  # the RG-LRU scan alone: chunks 16-256, plain, sequential
     r["device"] = device_info()
     peak = (r["matmul"] or {}).get("matmul_peak_gflops")
-    for group in ("core", "tuning"):
+    bandwidth = (r["matmul"] or {}).get("bandwidth_gb_per_s")
+    for group in DEVICE_GROUPS:
         for run in r.get(group, {}).values():
             if "ms_per_step" in run:
                 run["model_tflops_per_s"] = run["model_gflops_per_step"] / run["ms_per_step"]  # GFLOP/ms = TFLOP/s
                 run["mfu"] = 1000 * run["model_tflops_per_s"] / peak if peak else None
                 run["vs_thesis_pod"] = run["tokens_per_s"] / THESIS_TOKENS_PER_S
+                # the step's time if it ran at the measured bandwidth and did nothing else
+                run["memory_bound_ms"] = 1000 * run["hbm_gb_per_step"] / bandwidth \
+                    if run.get("hbm_gb_per_step") and bandwidth else None
     core = r.get("core", {})
     ratio = lambda a_, b_: core[a_]["ms_per_step"] / core[b_]["ms_per_step"] \
         if "ms_per_step" in core.get(a_, {}) and "ms_per_step" in core.get(b_, {}) else None
     r["pooling_speedup_bf16"], r["pooling_speedup_f32"] = ratio("no_pooling_bf16", "bf16"), ratio("no_pooling_f32", "f32")
     r["bf16_speedup"] = ratio("f32", "bf16")
-    for name, run in r.get("tuning", {}).items():
+    for name, run in r.get("tuning", {}).items():  # against core's bf16 (an accelerator has no noisy neighbour)
         if "ms_per_step" in run and "ms_per_step" in core.get("bf16", {}):
             run["speedup_over_bf16"] = core["bf16"]["ms_per_step"] / run["ms_per_step"]
+    runs = list(r.get("memory", {}).values())  # against its first variant, timed in the same process
+    for run in runs:
+        if "ms_per_step" in run and "ms_per_step" in runs[0]:
+            run["speedup_over_first"] = runs[0]["ms_per_step"] / run["ms_per_step"]
     r["seconds"] = time.perf_counter() - start
     save()
     print_device_table(r)
@@ -521,22 +569,23 @@ def print_device_table(r):
     f = lambda v, spec: "-" if v is None else format(v, spec)
     print(f"\n{r['device'].get('kind')} | batch {r['batch']} x {r['seq_len']} | bf16 matmul "
           f"{f((r['matmul'] or {}).get('matmul_peak_gflops', 0) / 1000, '.0f')} TFLOP/s, f32 matmul "
-          f"{f((r['matmul_f32'] or {}).get('matmul_peak_gflops', 0) / 1000, '.0f')} TFLOP/s")
+          f"{f((r.get('matmul_f32') or {}).get('matmul_peak_gflops', 0) / 1000, '.0f')} TFLOP/s")
     print(f"{'step':18s} {'ms':>9s} {'tokens/s':>11s} {'TFLOP/s':>8s} {'MFU':>6s} {'GiB':>6s} {'compile s':>9s} "
-          f"{'loss':>6s}")
-    for group in ("core", "tuning"):
+          f"{'loss':>6s} {'HBM GB':>7s} {'bound ms':>8s}")
+    for group in DEVICE_GROUPS:
         for name, run in r.get(group, {}).items():
             if "error" in run:
                 print(f"{name:18s} {run['error'][:60]}")
                 continue
             print(f"{name:18s} {run['ms_per_step']:9.1f} {run['tokens_per_s']:11,.0f} {f(run['model_tflops_per_s'], '8.1f')} "
                   f"{f(run['mfu'] and 100 * run['mfu'], '5.1f')}% {f(run['memory_gib'], '6.1f')} {run['compile_s']:9.1f} "
-                  f"{run['loss_bits']:6.3f}")
+                  f"{run['loss_bits']:6.3f} {f(run.get('hbm_gb_per_step'), '7.1f')} {f(run.get('memory_bound_ms'), '8.1f')}")
     for b in (16, 256):
         s = r.get(f"sampler_{b}") or {}
         print(f"sampler batch {b}: {f(s.get('sampler_tokens_per_s'), ',.0f')} tokens/s "
               f"(forward {f(s.get('forward_tokens_per_s'), ',.0f')})")
     for k in ("pooling_speedup_bf16", "pooling_speedup_f32", "bf16_speedup", "mlp_block_ms", "temporal_block_ms",
+              "scan_chunk_16_ms", "scan_chunk_64_ms", "scan_chunk_256_ms", "scan_plain_assoc_ms", "scan_seq_ms",
               "seconds"):
         print(f"{k:22s} {f(r.get(k), '.3g')}")
 

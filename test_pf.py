@@ -111,6 +111,16 @@ def test_associative_scan_equals_sequential_scan(length, complex_rnn, near_one, 
     assert_close(gb, sb, 1e-4 * gtol, "grad b")
 
 
+def test_scan_chunk_default_follows_the_backend(monkeypatch):
+    """64-step blocks on a CPU, the plain associative scan on a GPU or TPU (bench.py measured each on
+    its own kind of machine), pf.SCAN_CHUNK over both."""
+    for backend, chunk in (("cpu", 64), ("gpu", 1), ("tpu", 1)):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert pf.scan_chunk() == chunk
+    monkeypatch.setattr(pf, "SCAN_CHUNK", 16)
+    assert pf.scan_chunk() == 16
+
+
 def test_sequential_scan_equals_numpy_loop():
     a, b, h0 = random_recurrence(0, 50, True, False)
     h, expected = np.asarray(h0), []
