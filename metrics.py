@@ -1074,6 +1074,55 @@ def cmd_figures(args):
           f'max {max(means):.4f} (layer {int(np.argmax(means))})')
 
 
+def compare_runs(run_dirs):
+    """Rows for train.py runs made on the same data and budget (README: the pooling claim): parameters,
+    steps and median tokens/s reached, the validation NLL at the end (equal minutes) and at the last
+    evaluation step every run reached (equal steps: the data order is the same at every step), and the
+    report's FID / IS (samples/metrics.json)."""
+    runs = []
+    for run in run_dirs:
+        try:
+            with open(os.path.join(run, 'config.json')) as f:
+                model = json.load(f)['model']
+            records = read_log(run)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f'error: {run}: not a train.py run folder ({e})')
+        cfg = pf.Config(**model)
+        evals = {r['step']: r['val_nll_bits'] for r in records if r.get('val_nll_bits') is not None}
+        rates = sorted(r['tokens_per_s'] for r in records if r.get('tokens_per_s'))
+        try:
+            with open(os.path.join(run, 'samples', 'metrics.json')) as f:
+                quality = json.load(f)
+        except (OSError, ValueError):
+            quality = {}
+        runs.append({'run': run, 'pooling': list(cfg.pooling), 'layers': list(cfg.layers),
+                     'params': pf.count_params(jax.eval_shape(lambda cfg=cfg: pf.init(jax.random.key(0), cfg))),
+                     'steps': max((r['step'] for r in records if 'step' in r), default=0),
+                     'minutes': max((r['minutes'] for r in records if 'minutes' in r), default=None),
+                     'tokens_per_s': rates[len(rates) // 2] if rates else None, 'evals': evals,
+                     'val_end': evals[max(evals)] if evals else None, 'fid': quality.get('fid'),
+                     'is': quality.get('is')})
+    common = set.intersection(*(set(r['evals']) for r in runs)) if runs else set()
+    equal_step = max(common, default=None)
+    for r in runs:
+        r['equal_step'], r['val_equal_steps'] = equal_step, r.pop('evals').get(equal_step)
+    return runs
+
+
+def cmd_compare(args):
+    runs = compare_runs(args.runs)
+    f = lambda v, spec: '-' if v is None else format(v, spec)
+    step = runs[0]['equal_step'] if runs else None
+    print(f'| run | pooling | layers | params | steps | tokens/s | val NLL at the end | val NLL at step {f(step, "d")} '
+          f'| FID | IS |\n|---|---|---|---|---|---|---|---|---|---|')
+    for r in runs:
+        print(f"| {r['run']} | {r['pooling']} | {r['layers']} | {r['params']:,} | {r['steps']:,} | "
+              f"{f(r['tokens_per_s'], ',.0f')} | {f(r['val_end'], '.3f')} | {f(r['val_equal_steps'], '.3f')} | "
+              f"{f(r['fid'], '.0f')} | {f(r['is'], '.2f')} |")
+    if args.out:
+        save_json(args.out, runs)
+
+
 def main(argv=None):
     parser = data.Parser(description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -1106,6 +1155,11 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='init seed of --init')
     p.add_argument('--out', default=None, help='output folder (default: the run folder)')
     p.set_defaults(run=cmd_figures)
+    p = sub.add_parser('compare', help='a markdown table of train.py runs: params, steps, tokens/s, validation '
+                       'NLL at equal minutes and at equal steps, FID and IS of their quality reports')
+    p.add_argument('runs', nargs='+', help='train.py run folders')
+    p.add_argument('--out', default=None, help='also write the rows as JSON here')
+    p.set_defaults(run=cmd_compare)
     args = parser.parse_args(argv)
     for flag in ('steps', 'batch'):
         if getattr(args, flag, 1) < 1:

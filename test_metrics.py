@@ -521,3 +521,33 @@ def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tiny_data
         assert held_out['fid'] < bad['fid'] / 5
         assert held_out['is'] > 1.5 and bad['is'] < 1.2
         assert held_out['am'] < bad['am']
+
+
+def test_compare_runs_reads_equal_minutes_and_equal_steps(tmp_path):
+    """`metrics.py compare`: validation NLL at each run's end and at the last evaluation step every run
+    reached; parameters counted from the saved config; median tokens/s; the report's FID and IS."""
+    import pf
+    models = {"pooled": {"pooling": [2], "layers": [1, 1], "d_model": 32, "d_rnn": 64},
+              "flat": {"pooling": [], "layers": [3], "d_model": 32, "d_rnn": 64}}
+    logs = {"pooled": [(10, 1.0, 9e4), (20, 2.0, 1e5), (30, 3.0, 2e5)], "flat": [(10, 1.5, 3e4), (20, 3.0, 4e4)]}
+    evals = {"pooled": {10: 6.0, 20: 5.5, 30: 5.2}, "flat": {10: 6.4, 20: 6.1}}
+    for name, model in models.items():
+        run = tmp_path / name
+        (run / "samples").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"model": model, "train": {}}))
+        rows = [{"step": s, "minutes": m, "loss_bits": 6.0, "tokens_per_s": t} for s, m, t in logs[name]]
+        rows += [{"step": s, "val_nll_bits": v, "test_nll_bits": v + 0.1} for s, v in evals[name].items()]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "samples" / "metrics.json").write_text(json.dumps({"fid": 400.0 + len(name), "is": 1.5}))
+    pooled, flat = metrics.compare_runs([str(tmp_path / "pooled"), str(tmp_path / "flat")])
+    for r, name in ((pooled, "pooled"), (flat, "flat")):
+        cfg = pf.Config(**models[name])
+        assert r["params"] == pf.count_params(jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg)))
+        assert r["fid"] == 400.0 + len(name) and r["is"] == 1.5
+    assert (pooled["steps"], flat["steps"]) == (30, 20) and (pooled["minutes"], flat["minutes"]) == (3.0, 3.0)
+    assert (pooled["tokens_per_s"], flat["tokens_per_s"]) == (1e5, 4e4)  # the medians
+    assert (pooled["val_end"], flat["val_end"]) == (5.2, 6.1)
+    assert pooled["equal_step"] == flat["equal_step"] == 20
+    assert (pooled["val_equal_steps"], flat["val_equal_steps"]) == (5.5, 6.1)
+    with pytest.raises(SystemExit, match="not a train.py run folder"):
+        metrics.compare_runs([str(tmp_path)])
