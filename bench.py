@@ -47,12 +47,10 @@ BASELINE = {}  # pf.Config() defaults are the thesis baseline
 NO_POOLING = {"pooling": (), "layers": (36,)}  # thesis table 4.2: same 36 RG-LRU layers, no pooling
 VARIANTS = {"baseline": {}, "no_pooling": {"model": NO_POOLING}, "fixes_off": {"before": True},
             "matmul_only": {"matmul_only": True}}  # the training steps timed side by side (part_train)
-# --device: two groups of training steps, each timed side by side in its own process. "core": the
-# issue's table (both dtypes, with and without pooling; bf16 runs pf.SCAN_CHUNK and the remat of
-# pf.REMAT_POLICY); "tuning": the bf16 step with other scan chunk sizes (1 = the plain associative
-# scan) and remat policies, each against core's bf16 (an accelerator is not shared: no noisy neighbour).
-# No remat at all is left out: at 32 x 16,000 it needs 147 GiB (XLA's estimate on an H200, where its
-# rematerialisation pass then ran for minutes).
+# --device: groups of training steps (--groups), each compiled and timed side by side in its own process.
+# "core": the issue's table (both dtypes, with and without pooling; the default scan, pf.scan_chunk(), and
+# the remat of pf.REMAT_POLICY). No remat at all for the whole batch is left out: at 32 x 16,000 it needs
+# 147 GiB (XLA's estimate on an H200, where its rematerialisation pass then ran for minutes).
 BF16 = {"dtype": "bfloat16"}
 DEVICE_CORE = {"bf16": BF16, "f32": {}, "no_pooling_bf16": {**BF16, "model": NO_POOLING},
                "no_pooling_f32": {"model": NO_POOLING}}
@@ -60,12 +58,14 @@ DEVICE_CORE = {"bf16": BF16, "f32": {}, "no_pooling_bf16": {**BF16, "model": NO_
 # blocked scan at 64 and the "dots" remat policy; part `scan` sweeps chunks 16, 64, 256 on the scan alone
 # (five full training steps compiling at once outran 7 minutes on an H100).
 DEVICE_TUNING = {"chunk_64": {**BF16, "chunk": 64}, "remat_dots": {**BF16, "remat": "dots"}}
-# "memory" (not in the default --groups): no remat at all fits once the batch is accumulated in microbatches
-# (XLA's 147 GiB for the whole batch, over 8): it trades the backward pass's recomputation for a loop. On an
-# H100 it measured 890 ms against 416 ms for the default step: the loop costs more than the remat.
+# "memory" (not in the default --groups): no remat at all fits once the batch is accumulated in 4
+# microbatches of 8 rows (147 GiB / 4: 37 GiB); micro8 keeps the remat, so the pair separates what the
+# loop costs from what the remat costs. On an H100 the no-remat one measured 890 ms against 498 ms for the
+# whole-batch remat step (both with 64-step scan blocks): together, the loop and no remat are 1.8x slower.
 DEVICE_MEMORY = {"micro8": {**BF16, "microbatch": 8}, "micro8_no_remat": {**BF16, "microbatch": 8, "remat": "none"}}
 DEVICE_GROUPS = {"core": DEVICE_CORE, "tuning": DEVICE_TUNING, "memory": DEVICE_MEMORY}
-QUICK = {"core": ("bf16", "f32"), "tuning": ("chunk_64", "remat_dots"), "memory": ("micro8_no_remat",)}  # --quick: fewer compiles
+QUICK = {"core": ("bf16", "f32"), "tuning": ("chunk_64", "remat_dots"),
+         "memory": ("micro8", "micro8_no_remat")}  # --device --quick (the CPU test): fewer compiles
 THESIS_TOKENS_PER_S = 31158 * 16000 * 11.45 / 3600  # thesis Table 4.2: 11.45 epochs/hour on a TPU v3-128 pod
 TINY = {"pooling": (2, 2), "layers": (1, 1, 1), "d_model": 32, "d_rnn": 64}  # --device --quick: the CPU test
 TINY_NO_POOLING = {**TINY, "pooling": (), "layers": (3,)}
@@ -124,7 +124,7 @@ def part_matmul(a):
     n = a.n or 2048
     x = jax.random.normal(jax.random.key(0), (n, n)).astype(a.dtype)
     _, s = timed(lambda x: x @ x, x, repeats=5)
-    y = jax.random.normal(jax.random.key(1), (n, n * 4))  # float32: 256 MiB at n = 8192
+    y = jax.random.normal(jax.random.key(1), (n, n * 4))  # float32: 1 GiB at n = 8192
     _, copy_s = timed(lambda y: y * 2.0 + 1.0, y, repeats=5)  # reads y once, writes once
     return {"matmul_peak_gflops": 2 * n**3 / s / 1e9, "matmul_n": n, "matmul_dtype": a.dtype,
             "bandwidth_gb_per_s": 2 * y.nbytes / copy_s / 1e9}
@@ -319,12 +319,15 @@ def part_scan(a):
     b_ = jax.random.normal(k3, shape) + 0j
     out = {}
     chunked = lambda k: lambda a, b: pf.scan_associative(a, b, chunk=k)
-    scans = {"assoc": pf.scan_associative, "plain": chunked(1), "seq": pf.scan_sequential}
-    if a.device:  # the chunk sweep
-        scans.update({f"chunk_{k}": chunked(k) for k in (16, 64, 256)})
+    default = "plain" if pf.scan_chunk() == 1 else f"chunk_{pf.scan_chunk()}"
+    sweep = (16, 64, 256) if a.device else (pf.scan_chunk(),) if pf.scan_chunk() > 1 else ()
+    scans = {"plain": chunked(1), **{f"chunk_{k}": chunked(k) for k in sweep}, "seq": pf.scan_sequential}
     for name, scan in scans.items():
         loss = lambda a, b: jnp.sum(jnp.abs(scan(a, b)) ** 2)
         _, out[name] = timed(jax.value_and_grad(loss, (0, 1)), a_.astype(jnp.complex64), b_.astype(jnp.complex64))
+    out["assoc"] = out[default]  # the training path's scan, pf.scan_associative with its default chunk
+    if not a.device:
+        out = {k: v for k, v in out.items() if not k.startswith("chunk_")}
     return {"scan_assoc_ms": 1000 * out["assoc"], "scan_plain_assoc_ms": 1000 * out["plain"],
             "scan_seq_ms": 1000 * out["seq"], "scan_assoc_over_seq": out["assoc"] / out["seq"],
             **{f"scan_{k}_ms": 1000 * v for k, v in out.items() if k.startswith("chunk_")}}
@@ -503,10 +506,11 @@ def main_device(a, argv):
         print(f"[{a.budget - left():.0f} s]", end=" ")
         return run_part(name, timeout=left(), **kw)
 
-    groups = a.groups.split(",")
+    groups = [g for g in dict.fromkeys(a.groups.split(",")) if g]
     unknown = set(groups) - set(DEVICE_GROUPS)
-    if unknown:
-        raise SystemExit(f"error: --groups: unknown {', '.join(sorted(unknown))}; choose from {', '.join(DEVICE_GROUPS)}")
+    if unknown or not groups:
+        raise SystemExit(f"error: --groups {a.groups!r}: choose one or more of {', '.join(DEVICE_GROUPS)}, "
+                         f"comma-separated")
     r["matmul"] = part("matmul", dtype="bfloat16", n=256 if a.quick else 8192)
     if "core" in groups:
         r["matmul_f32"] = part("matmul", dtype="float32", n=256 if a.quick else 8192)

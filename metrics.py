@@ -1076,7 +1076,7 @@ def cmd_figures(args):
 
 def compare_runs(run_dirs):
     """Rows for train.py runs made on the same data and budget (README: the pooling claim): parameters,
-    steps and median tokens/s reached, the validation NLL at the end (equal minutes) and at the last
+    steps, minutes and median tokens/s (the upper median of the logged rates) reached, the validation NLL at the end (equal minutes) and at the last
     evaluation step every run reached (equal steps: the data order is the same at every step), and the
     report's FID / IS (samples/metrics.json)."""
     runs = []
@@ -1113,10 +1113,10 @@ def cmd_compare(args):
     runs = compare_runs(args.runs)
     f = lambda v, spec: '-' if v is None else format(v, spec)
     step = runs[0]['equal_step'] if runs else None
-    print(f'| run | pooling | layers | params | steps | tokens/s | val NLL at the end | val NLL at step {f(step, "d")} '
-          f'| FID | IS |\n|---|---|---|---|---|---|---|---|---|---|')
+    print(f'| run | pooling | layers | params | minutes | steps | tokens/s | val NLL at the end '
+          f'| val NLL at step {f(step, "d")} | FID | IS |\n|---|---|---|---|---|---|---|---|---|---|---|')
     for r in runs:
-        print(f"| {r['run']} | {r['pooling']} | {r['layers']} | {r['params']:,} | {r['steps']:,} | "
+        print(f"| {r['run']} | {r['pooling']} | {r['layers']} | {r['params']:,} | {f(r['minutes'], '.1f')} | {r['steps']:,} | "
               f"{f(r['tokens_per_s'], ',.0f')} | {f(r['val_end'], '.3f')} | {f(r['val_equal_steps'], '.3f')} | "
               f"{f(r['fid'], '.0f')} | {f(r['is'], '.2f')} |")
     if args.out:

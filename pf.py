@@ -141,7 +141,8 @@ def scan_chunk():
     """The blocked scan's default chunk: 64 steps on a CPU (flat from 16 to 250 there; the scan alone
     at 16,000 steps, forward and backward: 99 ms against 142 ms plain, `python bench.py`); the plain
     associative scan (1) on accelerators (an H100's bf16 baseline training step: 416 ms plain against
-    498 ms at 64, timed side by side by `bench.py --part train`)."""
+    498 ms at 64, timed side by side by `bench.py --part train`; a TPU is not measured). The one place
+    pf.py asks what it runs on: a speed default that changes no value (test_pf checks every chunk size)."""
     return SCAN_CHUNK or (64 if jax.default_backend() == "cpu" else 1)
 
 
