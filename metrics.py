@@ -1075,10 +1075,10 @@ def cmd_figures(args):
 
 
 def compare_runs(run_dirs):
-    """Rows for train.py runs made on the same data and budget (README: the pooling claim): parameters,
-    steps, minutes and median tokens/s (the upper median of the logged rates) reached, the validation NLL at the end (equal minutes) and at the last
-    evaluation step every run reached (equal steps: the data order is the same at every step), and the
-    report's FID / IS (samples/metrics.json)."""
+    """Rows for train.py runs made on the same data and budget (README: the pooling claim): parameters;
+    steps, minutes and median tokens/s (the upper median of the logged rates) reached; the validation
+    NLL at the end (equal minutes) and at the last evaluation step every run reached (equal steps: the
+    data order is the same at every step); the report's FID / IS (samples/metrics.json)."""
     runs = []
     for run in run_dirs:
         try:
