@@ -173,7 +173,8 @@ def part_train(a):
     its own patches, then timed in alternation (round r times every variant once), so slow spells
     of this shared machine hit them alike and their ratios hold. Variant keys: model (Config
     changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), remat
-    (a REMAT_POLICIES key, or "none": no remat), microbatch (rows per microbatch), before (CPU fixes off), matmul_only (strip_to_matmuls). A variant that
+    (a REMAT_POLICIES key, or "none": no remat), microbatch (rows per microbatch), before (CPU fixes
+    off), matmul_only (strip_to_matmuls). A variant that
     fails to compile or run (out of memory, say) reports its error and the others go on. Each variant
     is traced under its patches, then all compile at once in threads (XLA compiles outside the GIL):
     compile_s is wall time while the others compile too."""
@@ -319,15 +320,14 @@ def part_scan(a):
     b_ = jax.random.normal(k3, shape) + 0j
     out = {}
     chunked = lambda k: lambda a, b: pf.scan_associative(a, b, chunk=k)
-    default = "plain" if pf.scan_chunk() == 1 else f"chunk_{pf.scan_chunk()}"
-    sweep = (16, 64, 256) if a.device else (pf.scan_chunk(),) if pf.scan_chunk() > 1 else ()
+    default = "plain" if pf.scan_chunk() == 1 else f"chunk_{pf.scan_chunk()}"  # the training path's scan
+    sweep = (16, 64, 256) if a.device else ()
     scans = {"plain": chunked(1), **{f"chunk_{k}": chunked(k) for k in sweep}, "seq": pf.scan_sequential}
+    scans.setdefault(default, pf.scan_associative)  # each scan compiled and timed once
     for name, scan in scans.items():
         loss = lambda a, b: jnp.sum(jnp.abs(scan(a, b)) ** 2)
         _, out[name] = timed(jax.value_and_grad(loss, (0, 1)), a_.astype(jnp.complex64), b_.astype(jnp.complex64))
-    out["assoc"] = out[default]  # the training path's scan, pf.scan_associative with its default chunk
-    if not a.device:
-        out = {k: v for k, v in out.items() if not k.startswith("chunk_")}
+    out["assoc"] = out.pop(default) if not a.device and default != "plain" else out[default]
     return {"scan_assoc_ms": 1000 * out["assoc"], "scan_plain_assoc_ms": 1000 * out["plain"],
             "scan_seq_ms": 1000 * out["seq"], "scan_assoc_over_seq": out["assoc"] / out["seq"],
             **{f"scan_{k}_ms": 1000 * v for k, v in out.items() if k.startswith("chunk_")}}
