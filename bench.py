@@ -208,7 +208,7 @@ def part_train(a):
                     cfg = strip_to_matmuls(pf, cfg, set_attr)
                 state = jax.jit(lambda: train.init_state(cfg, tc))()
                 start = time.perf_counter()
-                run["lowered"] = train.make_train_step(cfg, tc, mesh).lower(state, tokens, mask)
+                run["lowered"] = train.make_train_step(cfg, tc, mesh).lower(state, tokens, mask, np.float32(1))
                 run.update(cfg=cfg, state=state, trace_s=time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 -- report it, time the rest
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -228,7 +228,7 @@ def part_train(a):
         try:
             if "compiled" in run:
                 run["step"] = run.pop("compiled")
-                run["state"], m = run["step"](run["state"], tokens, mask)
+                run["state"], m = run["step"](run["state"], tokens, mask, np.float32(1))
                 run.update(memory_gib=executable_gib(run["step"]), loss_bits=float(m["loss_bits"]))
         except Exception as e:  # noqa: BLE001 -- e.g. out of device memory: report it, time the rest
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -239,7 +239,7 @@ def part_train(a):
         for run in runs:
             if "step" in run:
                 start = time.perf_counter()
-                run["state"], m = run["step"](run["state"], tokens, mask)
+                run["state"], m = run["step"](run["state"], tokens, mask, np.float32(1))
                 jax.block_until_ready(m)
                 run["times"].append(time.perf_counter() - start)
     n_tokens, out = a.batch * a.seq_len, []

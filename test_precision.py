@@ -112,7 +112,7 @@ def test_bf16_training_loss_tracks_float32():
         step = train.make_train_step(cfg, tc, mesh)
         losses = []
         for batch in tokens:
-            state, m = step(state, batch, mask)
+            state, m = step(state, batch, mask, 1.0)
             losses.append(float(m["loss_bits"]))
         curves[dtype] = np.array(losses)
     f32, b16 = curves["float32"], curves["bfloat16"]

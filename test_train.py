@@ -190,7 +190,7 @@ def readout_steps(data_dir):
                                      Mesh(np.array(jax.devices()[:1]), ("data",)))
         states, metrics = [snapshot(state)], []
         for i in (order[-1], order[0], order[1]):
-            state, m = step(state, *batches[i])
+            state, m = step(state, *batches[i], 1.0)
             states.append(snapshot(state))
             metrics.append(jax.device_get(m))
     return {"skip_norm": skip_norm, "norms": (norms[order[-1]], norms[order[0]]), "reference": refs[order[0]],
@@ -315,6 +315,49 @@ def test_best_npz_holds_the_ema_of_the_lowest_validation_nll_and_keep_limits_the
     assert [os.path.basename(p) for p in train.checkpoints(out)] == ["ckpt_00000006.npz", "ckpt_00000008.npz"]
 
 
+def test_cosine_factor_follows_the_half_cosine_and_constant_stays_one():
+    cos, const = train.TrainConfig(decay="cosine"), train.TrainConfig()
+    for progress, want in ((0.0, 1.0), (0.25, 0.8535534), (0.5, 0.5), (0.75, 0.1464466), (1.0, 0.0), (1.7, 0.0)):
+        assert abs(train.lr_factor(cos, progress) - want) < 1e-6
+        assert train.lr_factor(const, progress) == 1.0
+
+
+def test_lr_factor_scales_the_adamw_update(data_dir):
+    """One AdamW step (weight decay 0.1, so the decay term shows) from the same state with factor
+    1 and 0.5: the parameters move exactly half as far; with factor 0 they do not move."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
+    tc = train.TrainConfig(batch_size=8, warmup=1, lr=0.01, weight_decay=0.1)
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)
+    step = train.make_train_step(cfg, tc, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    moved = {}
+    for factor in (1.0, 0.5, 0.0):
+        state = jax.jit(lambda: train.init_state(cfg, tc))()
+        state, _ = step(state, tokens.astype(np.int32), mask, np.float32(1.0))  # step 0: lr 0 in the warmup
+        before = snapshot(state["params"])
+        state, m = step(state, tokens.astype(np.int32), mask, np.float32(factor))
+        assert abs(float(m["lr"]) - 0.01 * factor) < 1e-9
+        moved[factor] = {k: v - before[k] for k, v in snapshot(state["params"]).items()}
+    assert max(float(np.abs(v).max()) for v in moved[1.0].values()) > 1e-3
+    assert_same_params(moved[0.5], {k: v / 2 for k, v in moved[1.0].items()}, 1e-6)  # float32 rounding of p
+    assert_same_params(moved[0.0], {k: 0 * v for k, v in moved[1.0].items()}, 0.0)
+
+
+def test_cosine_decay_over_steps_reaches_zero_at_the_last_step(reference, data_dir, compile_cache, tmp_path):
+    """--decay cosine --steps 12: the update of step k (1-based) uses lr (the preset's 0.005) * warmup * the half cosine at
+    (k - 1) / 12, read off the log; the parameters end elsewhere than the constant run's."""
+    out = str(tmp_path / "cosine")
+    code, log = run(args(data_dir, out, "--decay", "cosine"), compile_cache)
+    assert code == 0, log
+    lrs = [(r["step"], r["lr"]) for r in log_records(out) if "lr" in r]
+    assert [k for k, _ in lrs] == list(range(1, STEPS + 1))
+    for k, lr in lrs:
+        want = 0.005 * min((k - 1) / 4, 1.0) * 0.5 * (1 + math.cos(math.pi * (k - 1) / STEPS))
+        assert abs(lr - want) < 1e-7, (k, lr, want)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(final_params(out)[1].values(),
+                                                           final_params(reference)[1].values())) > 1e-5
+
+
 # ---------------------------------------------------------------- 4. crash safety
 
 
@@ -434,10 +477,13 @@ def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(data_dir, tm
 
 def test_minutes_budget_stops_on_time_and_leaves_a_complete_run(data_dir, compile_cache, tmp_path):
     """--minutes 0.3 with a step count it could never reach: the loop stops at the budget, then the
-    run finishes as one that reached its steps (evaluation, best.npz, final checkpoint)."""
+    run finishes as one that reached its steps (evaluation, best.npz, final checkpoint), having kept
+    a snapshot every --snapshot-minutes 0.1 on the way; with
+    --decay cosine the learning rate anneals over the 18 s, not over the million steps."""
     out = str(tmp_path / "budget")
     start = time.perf_counter()
-    code, log = run(args(data_dir, out, "--steps", "1000000", "--minutes", "0.3", "--log-every", "1"), compile_cache)
+    code, log = run(args(data_dir, out, "--steps", "1000000", "--minutes", "0.3", "--log-every", "1",
+                         "--decay", "cosine", "--snapshot-minutes", "0.1"), compile_cache)
     wall = time.perf_counter() - start
     assert code == 0, log
     meta, _ = final_params(out)
@@ -445,9 +491,17 @@ def test_minutes_budget_stops_on_time_and_leaves_a_complete_run(data_dir, compil
     records = log_records(out)
     assert records[-1]["step"] == meta["step"] and "val_nll_bits" in records[-1]  # evaluated at the last step
     assert os.path.exists(os.path.join(out, "best.npz"))
+    snapshots = [train.read_checkpoint(os.path.join(out, f"at_{m}min.npz"))[0] for m in ("0.1", "0.2")]
+    assert 1 <= snapshots[0]["step"] < snapshots[1]["step"] <= meta["step"]
+    assert 0.1 <= snapshots[0]["minutes"] < 0.2 <= snapshots[1]["minutes"] < 0.3 + 0.05  # all-runs clock
     etas = [r["eta_min"] for r in records if "eta_min" in r]
     assert etas and max(etas) <= 0.3  # the ETA follows the budget, not the million steps
     assert wall < 18 + 90, f"{wall:.0f} s for an 18 s budget"  # startup, data and the final evaluation aside
+    # --decay cosine follows the clock: lr = the preset's 0.005 times the half cosine of the budget's elapsed part
+    # (the log's minutes are read just after the step's own clock reading, and count from the start)
+    decayed = [(r["minutes"] / 0.3, r["lr"] / 0.005) for r in records if "lr" in r and r["step"] > 5]
+    assert len(decayed) > 10 and decayed[-1][1] < 0.1
+    assert all(abs(f - 0.5 * (1 + math.cos(math.pi * min(p, 1)))) < 0.08 for p, f in decayed), decayed
 
 
 @pytest.mark.parametrize("minutes", ["0", "-1"])
@@ -455,6 +509,9 @@ def test_minutes_budget_must_be_positive(minutes, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--minutes", minutes])
     assert e.value.code == 2 and f"--minutes {float(minutes)} must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--snapshot-minutes", minutes])
+    assert e.value.code == 2 and f"--snapshot-minutes {float(minutes)} must be > 0" in capsys.readouterr().err
 
 
 def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, compile_cache, tmp_path):

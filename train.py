@@ -49,7 +49,8 @@ class TrainConfig:
     epochs: int = 500  # passes over the training split
     steps: int | None = None  # stop after this many steps instead (overrides epochs)
     minutes: float | None = None  # wall-clock budget of this run, compile included; then it finishes as at its last step
-    lr: float = 0.002  # AdamW learning rate, after a linear warmup then constant
+    lr: float = 0.002  # AdamW learning rate, after a linear warmup
+    decay: str = "constant"  # after the warmup: constant (the thesis) | cosine (to 0 over the run's --minutes or steps)
     b1: float = 0.9  # AdamW beta1
     b2: float = 0.999  # AdamW beta2
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
@@ -62,6 +63,7 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines
     ckpt_every: int = 500  # steps; a checkpoint is also written at every epoch end
     keep: int = 3  # last checkpoints kept (plus best.npz)
+    snapshot_minutes: float | None = None  # also keep OUT/at_<M>min.npz every M minutes of this run (quality curves)
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
     resume: bool = False  # continue from the newest readable checkpoint in --out
@@ -94,6 +96,18 @@ def make_optimizer(tc):
                        optax.adamw(schedule, tc.b1, tc.b2, weight_decay=tc.weight_decay)), schedule
 
 
+DECAYS = ("constant", "cosine")
+
+
+def lr_factor(tc, progress):
+    """The learning rate's multiplier after the warmup, at `progress` in [0, 1] of the run: the
+    thesis keeps it constant; `cosine` (a CPU-recipe choice, not the thesis') anneals it to 0 by the
+    end of the run's budget, which on a short budget settles the weights the samples are drawn from."""
+    if tc.decay == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
 def init_state(cfg, tc):
     params = pf.init(jax.random.key(tc.seed), cfg)
     return {"params": params, "opt_state": make_optimizer(tc)[0].init(params), "ema": params,
@@ -113,7 +127,8 @@ def compiler_options():
 
 
 def make_train_step(cfg, tc, mesh):
-    """train_step(state, tokens (B, L), mask (B, L)) -> (state, metrics). The batch is split into
+    """train_step(state, tokens (B, L), mask (B, L), lr_factor) -> (state, metrics): lr_factor (host
+    float, lr_factor() above) scales the update, i.e. the learning rate. The batch is split into
     B / microbatch microbatches whose gradients are summed before one update, so the update equals
     the full batch's: the loss is the mean over all unmasked tokens of the batch."""
     optimizer, schedule = make_optimizer(tc)
@@ -121,7 +136,7 @@ def make_train_step(cfg, tc, mesh):
     grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-    def train_step(state, tokens, mask):
+    def train_step(state, tokens, mask, lr_factor):
         key = jax.random.fold_in(jax.random.key(tc.seed + 1), state["step"])
         # microbatch i takes rows i, i + n_micro, ...: every microbatch stays spread over all devices
         micro = NamedSharding(mesh, P(None, "data"))
@@ -139,6 +154,7 @@ def make_train_step(cfg, tc, mesh):
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: lr_factor * u, updates)  # AdamW's update (decay included) is linear in lr
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: tc.ema * e + (1 - tc.ema) * p, state["ema"], params)
         # A NaN/inf loss or an exploding gradient skips the update (the author skips norms > 1000).
@@ -147,11 +163,11 @@ def make_train_step(cfg, tc, mesh):
         state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                  "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
                  "bad_run": jnp.where(ok, 0, state["bad_run"] + 1), "skipped": state["skipped"] + (~ok)}
-        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(state["step"] - 1),
+        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(state["step"] - 1) * lr_factor,
                    "tokens": count, "ok": ok}
         return state, metrics
 
-    return jax.jit(train_step, in_shardings=(replicated, rows, rows), out_shardings=(replicated, replicated),
+    return jax.jit(train_step, in_shardings=(replicated, rows, rows, replicated), out_shardings=(replicated, replicated),
                    donate_argnums=0, compiler_options=compiler_options())
 
 
@@ -259,10 +275,13 @@ def parse_args(argv):
     pf.add_config_args(parser, dataclasses.replace(pf.Config(), **model_preset))
     args = parser.parse_args(argv)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if tc.decay not in DECAYS:
+        parser.error(f"--decay {tc.decay!r} is not one of {', '.join(DECAYS)}")
     if tc.dtype not in DTYPES:
         parser.error(f"--dtype {tc.dtype!r} is not one of {', '.join(DTYPES)}")
-    if tc.minutes is not None and not tc.minutes > 0:
-        parser.error(f"--minutes {tc.minutes} must be > 0 (the run's wall-clock budget)")
+    for name in ("minutes", "snapshot_minutes"):
+        if getattr(tc, name) is not None and not getattr(tc, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(tc, name)} must be > 0 (minutes of wall clock)")
     try:
         return pf.config_from_args(args), tc
     except ValueError as e:
@@ -394,12 +413,16 @@ def main(argv=None):
         start = int(state["step"])
         step = epoch = start
         timer, timed_steps, compile_s = None, 0, None
-        deadline = time.perf_counter() + 60 * tc.minutes if tc.minutes else math.inf  # --minutes: this run's budget
+        budget_start = time.perf_counter()  # --minutes: this run's budget (a resumed run's decay starts again)
+        deadline = budget_start + 60 * tc.minutes if tc.minutes else math.inf
+        snapshots = 1  # the next snapshot's number
         for step, epoch, tokens, mask in train_batches(ds.train, tc, start):
             if step >= total_steps or stop["signal"] or time.perf_counter() >= deadline:
                 break
             t0 = time.perf_counter()
-            state, stats = train_step(state, global_batch(tokens, rows), global_batch(mask, rows))
+            progress = max(step / max(total_steps, 1), (t0 - budget_start) / (60 * tc.minutes) if tc.minutes else 0.0)
+            state, stats = train_step(state, global_batch(tokens, rows), global_batch(mask, rows),
+                                      np.float32(lr_factor(tc, progress)))
             if compile_s is None:  # the first step compiles: time it apart
                 jax.block_until_ready(stats)
                 compile_s = time.perf_counter() - t0
@@ -426,6 +449,9 @@ def main(argv=None):
                 run_eval(done, epoch)
             if end_of_epoch or done % tc.ckpt_every == 0:
                 save(done, epoch + end_of_epoch)
+            if tc.snapshot_minutes and time.perf_counter() - budget_start >= 60 * tc.snapshot_minutes * snapshots:
+                save(done, epoch + end_of_epoch, f"at_{tc.snapshot_minutes * snapshots:g}min.npz")
+                snapshots += 1
         done = int(state["step"])
         if stop["signal"]:
             save(done, epoch)
