@@ -265,15 +265,19 @@ def adamw_by_hand(params, grads, tc, clip):
     return p
 
 
-def test_optimizer_clips_the_global_gradient_norm_at_200_then_applies_adamw():
-    """train.make_optimizer with the thesis defaults against AdamW by hand, fed gradients whose global
-    norm is above and below 200."""
+@pytest.mark.parametrize("norms,weight_decay", [((500.0, 50.0, 300.0, 1000.0, 100.0), None),
+                                                 ((1e-3, 3e-4, 2e-3, 1e-3, 5e-4), 0.1)])
+def test_optimizer_clips_the_global_gradient_norm_at_200_then_applies_adamw(norms, weight_decay):
+    """train.make_optimizer with the thesis defaults against AdamW by hand (eps 1e-8), fed gradients
+    whose global norm is above and below 200; then tiny gradients (where Adam's eps shows) with
+    --weight-decay 0.1."""
     tc = train.TrainConfig(warmup=3)
     assert (tc.clip_norm, tc.skip_norm, tc.lr, tc.b1, tc.b2, tc.weight_decay) == (200.0, 1000.0, 0.002, 0.9, 0.999, 1e-4)
+    tc = dataclasses.replace(tc, weight_decay=weight_decay or tc.weight_decay)
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
     grads = []
-    for norm in (500.0, 50.0, 300.0, 1000.0, 100.0):
+    for norm in norms:
         g = {k: rng.normal(size=x.shape) for k, x in params.items()}
         grads.append({k: (x * norm / global_norm(g)).astype(np.float32) for k, x in g.items()})  # global norm `norm`
     optimizer, _ = train.make_optimizer(tc)
@@ -283,7 +287,8 @@ def test_optimizer_clips_the_global_gradient_norm_at_200_then_applies_adamw():
         p = optax.apply_updates(p, updates)
         assert_same_params({k: np.asarray(x) for k, x in p.items()}, adamw_by_hand(params, grads[: t + 1], tc, 200.0), 1e-6)
     clipped, unclipped = adamw_by_hand(params, grads, tc, 200.0), adamw_by_hand(params, grads, tc, math.inf)
-    assert max(float(np.abs(clipped[k] - unclipped[k]).max()) for k in params) > 1e-4  # clipping shows here
+    clipping_shows = max(float(np.abs(clipped[k] - unclipped[k]).max()) for k in params) > 1e-4
+    assert clipping_shows == (max(norms) > 200)
 
 
 def test_best_npz_holds_the_ema_of_the_lowest_validation_nll_and_keep_limits_the_checkpoints(
@@ -356,6 +361,110 @@ def test_cosine_decay_over_steps_reaches_zero_at_the_last_step(reference, data_d
         assert abs(lr - want) < 1e-7, (k, lr, want)
     assert max(float(np.abs(a - b).max()) for a, b in zip(final_params(out)[1].values(),
                                                            final_params(reference)[1].values())) > 1e-5
+
+
+# ---------------------------------------------------------------- 3c. what reaches the step: data, dropout, evaluation
+
+
+def stub_training(monkeypatch, fed, val_nlls=None):
+    """train.make_train_step -> a step that records the rows it is fed (as NumPy) and only counts;
+    train.make_evaluate -> one that returns val_nlls in turn (validation; test gets 9.0)."""
+    def make_train_step(cfg, tc, mesh):
+        def train_step(state, tokens, mask, lr_factor):
+            fed.append(np.asarray(tokens))
+            stats = {"loss_bits": np.float32(5.0), "grad_norm": np.float32(1.0), "lr": np.float32(tc.lr),
+                     "tokens": np.float32(mask.sum()), "ok": np.bool_(True)}
+            return {**state, "step": state["step"] + 1}, stats
+        return train_step
+    values, calls = iter(val_nlls or []), []
+
+    def make_evaluate(cfg, mesh, dtype="float32"):
+        def evaluate(params, split, batch_size):  # run_eval asks for validation, then test
+            calls.append(1)
+            return next(values) if len(calls) % 2 else 9.0
+        return evaluate
+    monkeypatch.setattr(train, "make_train_step", make_train_step)
+    monkeypatch.setattr(train, "make_evaluate", make_evaluate)
+
+
+def test_the_step_is_fed_the_training_split_in_each_epochs_seeded_order_across_epochs_and_resume(
+        data_dir, tmp_path, monkeypatch):
+    """--seed 3, batch 8 (20 steps per epoch): 27 steps, then --resume to 50, cross two epoch ends
+    and a mid-epoch resume. The rows fed are exactly data.batches(train, 8, seed 3, epoch e) in turn:
+    not the validation split, not epoch 0's order again, not seed 0's."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    want = [t for e in range(3) for t, _ in data.batches(ds.train, 8, 3, e)][:50]
+    fed = []
+    stub_training(monkeypatch, fed, val_nlls=[5.0] * 10)
+    out = str(tmp_path / "feed")
+    assert train.main(args(data_dir, out, "--seed", "3", "--steps", "27")) == 0
+    assert train.main(args(data_dir, out, "--seed", "3", "--steps", "50", "--resume")) == 0
+    assert len(fed) == 50
+    for i, (got, expected) in enumerate(zip(fed, want)):
+        assert np.array_equal(got, expected), f"step {i + 1}: not the rows of the seeded epoch order"
+    assert not np.array_equal(want[20], [t for t, _ in data.batches(ds.train, 8, 3, 0)][0])  # epochs differ
+
+
+def test_best_npz_keeps_its_score_across_a_resume(data_dir, tmp_path, monkeypatch):
+    """Validation NLL 1.0 at step 1, 2.0 at step 2; resumed, 3.0 at step 3: best.npz stays step 1's."""
+    stub_training(monkeypatch, [], val_nlls=[1.0, 2.0, 3.0])
+    out = str(tmp_path / "best")
+    assert train.main(args(data_dir, out, "--steps", "2", "--eval-every", "1")) == 0
+    assert train.main(args(data_dir, out, "--steps", "3", "--eval-every", "1", "--resume")) == 0
+    meta, _ = train.read_checkpoint(os.path.join(out, "best.npz"))
+    assert (meta["step"], meta["best_val"]) == (1, 1.0)
+    assert [r["val_nll_bits"] for r in log_records(out) if "val_nll_bits" in r] == [1.0, 2.0, 3.0]
+
+
+def test_each_step_draws_its_own_dropout_masks(data_dir):
+    """Dropout 0.5, the optimiser swapped for SGD(1) so the update is -gradient: the same state at
+    step 0 twice gives the same gradient, at step 1 another, and both differ from the gradient
+    without dropout (jax.grad of the mean NLL): dropout reaches the training loss, with a key per step."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
+    cfg = dataclasses.replace(TINY_CFG, dropout=0.5)
+    tc = train.TrainConfig(batch_size=8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "make_optimizer", lambda tc: (optax.sgd(1.0), optax.constant_schedule(1.0)))
+        step = train.make_train_step(cfg, tc, Mesh(np.array(jax.devices()[:1]), ("data",)))
+        grads = []
+        for at in (0, 0, 1):
+            state = jax.jit(lambda: train.init_state(cfg, tc))()
+            before = snapshot(state["params"])
+            state, _ = step({**state, "step": jnp.int32(at)}, tokens.astype(np.int32), mask, np.float32(1))
+            grads.append({k: before[k] - v for k, v in snapshot(state["params"]).items()})
+    plain = snapshot(reference_grad(jax.jit(lambda: train.init_state(cfg, tc))()["params"], tokens, mask,
+                                    TINY_CFG)[1])
+    assert_same_params(grads[1], grads[0], 0.0)
+    gap = lambda a, b: max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert gap(grads[0], grads[2]) > 1e-3 and gap(grads[0], plain) > 1e-3 and gap(grads[2], plain) > 1e-3
+
+
+def test_evaluation_is_the_mean_nll_of_real_tokens_without_dropout():
+    """train.make_evaluate (dropout 0.5 in the config) on 11 rows of mixed lengths in batches of 4 (the
+    last batch padded): bits per real token, against log-softmax in NumPy over pf.apply's logits."""
+    cfg = dataclasses.replace(TINY_CFG, dropout=0.5)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 65, 11)
+    split = data.Split(rng.integers(0, 256, (11, 64)).astype(np.uint8), lengths, np.zeros(11, np.int64))
+    params = pf.init(jax.random.key(0), cfg)
+    got = train.make_evaluate(cfg, Mesh(np.array(jax.devices()[:1]), ("data",)))(params, split, 4)
+    logits = np.asarray(pf.apply(params, split.tokens.astype(np.int32), cfg), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, split.tokens[..., None].astype(np.int64), -1)[..., 0]
+    real = np.arange(64) < lengths[:, None]
+    assert abs(got - nll[real].mean() / math.log(2)) < 1e-4
+    assert abs(got - nll.mean() / math.log(2)) > 1e-3  # the padding would show
+
+
+def test_the_default_run_is_the_documented_cpu_recipe():
+    """`python train.py` with no flags: the sc09-espeak preset's values, pinned as literals."""
+    cfg, tc = train.parse_args([])
+    assert (cfg.pooling, cfg.layers, cfg.d_model, cfg.d_rnn, cfg.dropout) == ((4, 4, 5), (0, 1, 1, 2), 32, 64, 0.0)
+    assert (tc.dataset, tc.out, tc.batch_size, tc.lr, tc.decay, tc.warmup, tc.ema, tc.minutes) == \
+        ("sc09-espeak", "runs/digits", 4, 0.005, "constant", 50, 0.98, 28.0)
+    assert (tc.eval_every, tc.eval_clips, tc.report_samples, tc.dtype) == (1000, 64, 64, "float32")
 
 
 # ---------------------------------------------------------------- 4. crash safety
