@@ -348,30 +348,17 @@ def test_lr_factor_scales_the_adamw_update(data_dir):
     assert_same_params(moved[0.0], {k: 0 * v for k, v in moved[1.0].items()}, 0.0)
 
 
-def test_cosine_decay_over_steps_reaches_zero_at_the_last_step(reference, data_dir, compile_cache, tmp_path):
-    """--decay cosine --steps 12: the update of step k (1-based) uses lr (the preset's 0.005) * warmup * the half cosine at
-    (k - 1) / 12, read off the log; the parameters end elsewhere than the constant run's."""
-    out = str(tmp_path / "cosine")
-    code, log = run(args(data_dir, out, "--decay", "cosine"), compile_cache)
-    assert code == 0, log
-    lrs = [(r["step"], r["lr"]) for r in log_records(out) if "lr" in r]
-    assert [k for k, _ in lrs] == list(range(1, STEPS + 1))
-    for k, lr in lrs:
-        want = 0.005 * min((k - 1) / 4, 1.0) * 0.5 * (1 + math.cos(math.pi * (k - 1) / STEPS))
-        assert abs(lr - want) < 1e-7, (k, lr, want)
-    assert max(float(np.abs(a - b).max()) for a, b in zip(final_params(out)[1].values(),
-                                                           final_params(reference)[1].values())) > 1e-5
-
-
 # ---------------------------------------------------------------- 3c. what reaches the step: data, dropout, evaluation
 
 
-def stub_training(monkeypatch, fed, val_nlls=None):
-    """train.make_train_step -> a step that records the rows it is fed (as NumPy) and only counts;
+def stub_training(monkeypatch, fed, val_nlls=None, factors=None):
+    """train.make_train_step -> a step that records the rows it is fed (as NumPy) and its lr factor
+    (in `factors`, if given) and only counts;
     train.make_evaluate -> one that returns val_nlls in turn (validation; test gets 9.0)."""
     def make_train_step(cfg, tc, mesh):
         def train_step(state, tokens, mask, lr_factor):
             fed.append(np.asarray(tokens))
+            (factors if factors is not None else []).append(float(lr_factor))
             stats = {"loss_bits": np.float32(5.0), "grad_norm": np.float32(1.0), "lr": np.float32(tc.lr),
                      "tokens": np.float32(mask.sum()), "ok": np.bool_(True)}
             return {**state, "step": state["step"] + 1}, stats
@@ -385,6 +372,22 @@ def stub_training(monkeypatch, fed, val_nlls=None):
         return evaluate
     monkeypatch.setattr(train, "make_train_step", make_train_step)
     monkeypatch.setattr(train, "make_evaluate", make_evaluate)
+
+
+def test_cosine_decay_over_steps_reaches_zero_at_the_last_step(data_dir, tmp_path, monkeypatch):
+    """--decay cosine --steps N: step k (1-based) is given the half cosine at (k - 1) / N (the step
+    applies it: test_lr_factor_scales_the_adamw_update). A run of 5 steps decays over its 5; resumed
+    with --steps 12 it goes on along the 12-step curve from step 6; constant (the default) gives 1."""
+    factors = []
+    stub_training(monkeypatch, [], val_nlls=[5.0] * 4, factors=factors)
+    out = str(tmp_path / "cosine")
+    assert train.main(args(data_dir, out, "--decay", "cosine", "--steps", "5")) == 0
+    assert train.main(args(data_dir, out, "--decay", "cosine", "--resume")) == 0
+    want = [0.5 * (1 + math.cos(math.pi * k / n)) for n, ks in ((5, range(5)), (STEPS, range(5, STEPS))) for k in ks]
+    assert np.allclose(factors, want, rtol=0, atol=1e-6), factors
+    factors.clear()
+    assert train.main(args(data_dir, str(tmp_path / "constant"), "--steps", "3")) == 0
+    assert factors == [1.0, 1.0, 1.0]
 
 
 def test_the_step_is_fed_the_training_split_in_each_epochs_seeded_order_across_epochs_and_resume(
