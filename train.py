@@ -101,8 +101,8 @@ DECAYS = ("constant", "cosine")
 
 def lr_factor(tc, progress):
     """The learning rate's multiplier after the warmup, at `progress` in [0, 1] of the run: the
-    thesis keeps it constant; `cosine` (a CPU-recipe choice, not the thesis') anneals it to 0 by the
-    end of the run's budget, which on a short budget settles the weights the samples are drawn from."""
+    thesis keeps it constant; `cosine` (not the thesis') anneals it to 0 by the end of the run's
+    budget. Tried on the CPU recipe, it did not help (README, Results: d1)."""
     if tc.decay == "constant":
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
@@ -127,8 +127,8 @@ def compiler_options():
 
 
 def make_train_step(cfg, tc, mesh):
-    """train_step(state, tokens (B, L), mask (B, L), lr_factor) -> (state, metrics): lr_factor (host
-    float, lr_factor() above) scales the update, i.e. the learning rate. The batch is split into
+    """train_step(state, tokens (B, L), mask (B, L), lr_scale) -> (state, metrics): lr_scale (a host
+    float32, from lr_factor()) scales the update, i.e. the learning rate. The batch is split into
     B / microbatch microbatches whose gradients are summed before one update, so the update equals
     the full batch's: the loss is the mean over all unmasked tokens of the batch."""
     optimizer, schedule = make_optimizer(tc)
@@ -136,7 +136,7 @@ def make_train_step(cfg, tc, mesh):
     grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-    def train_step(state, tokens, mask, lr_factor):
+    def train_step(state, tokens, mask, lr_scale):
         key = jax.random.fold_in(jax.random.key(tc.seed + 1), state["step"])
         # microbatch i takes rows i, i + n_micro, ...: every microbatch stays spread over all devices
         micro = NamedSharding(mesh, P(None, "data"))
@@ -154,7 +154,7 @@ def make_train_step(cfg, tc, mesh):
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        updates = jax.tree.map(lambda u: lr_factor * u, updates)  # AdamW's update (decay included) is linear in lr
+        updates = jax.tree.map(lambda u: lr_scale * u, updates)  # AdamW's update (decay included) is linear in lr
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: tc.ema * e + (1 - tc.ema) * p, state["ema"], params)
         # A NaN/inf loss or an exploding gradient skips the update (the author skips norms > 1000).
@@ -163,7 +163,7 @@ def make_train_step(cfg, tc, mesh):
         state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                  "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
                  "bad_run": jnp.where(ok, 0, state["bad_run"] + 1), "skipped": state["skipped"] + (~ok)}
-        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(state["step"] - 1) * lr_factor,
+        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(state["step"] - 1) * lr_scale,
                    "tokens": count, "ok": ok}
         return state, metrics
 
