@@ -219,7 +219,7 @@ def random_tokens(seed, batch, length):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(pooling=st.lists(st.integers(1, 4), min_size=0, max_size=3), data=st.data(),
        skip=st.sampled_from(["short", "long"]), placement=st.sampled_from(["around", "after"]),
        complex_rnn=st.booleans())

@@ -327,27 +327,6 @@ def test_cosine_factor_follows_the_half_cosine_and_constant_stays_one():
         assert train.lr_factor(const, progress) == 1.0
 
 
-def test_lr_factor_scales_the_adamw_update(data_dir):
-    """One AdamW step (weight decay 0.1, so the decay term shows) from the same state with factor
-    1 and 0.5: the parameters move exactly half as far; with factor 0 they do not move."""
-    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
-    tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
-    tc = train.TrainConfig(batch_size=8, warmup=1, lr=0.01, weight_decay=0.1)
-    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)
-    step = train.make_train_step(cfg, tc, Mesh(np.array(jax.devices()[:1]), ("data",)))
-    moved = {}
-    for factor in (1.0, 0.5, 0.0):
-        state = jax.jit(lambda: train.init_state(cfg, tc))()
-        state, _ = step(state, tokens.astype(np.int32), mask, np.float32(1.0))  # step 0: lr 0 in the warmup
-        before = snapshot(state["params"])
-        state, m = step(state, tokens.astype(np.int32), mask, np.float32(factor))
-        assert abs(float(m["lr"]) - 0.01 * factor) < 1e-9
-        moved[factor] = {k: v - before[k] for k, v in snapshot(state["params"]).items()}
-    assert max(float(np.abs(v).max()) for v in moved[1.0].values()) > 1e-3
-    assert_same_params(moved[0.5], {k: v / 2 for k, v in moved[1.0].items()}, 1e-6)  # float32 rounding of p
-    assert_same_params(moved[0.0], {k: 0 * v for k, v in moved[1.0].items()}, 0.0)
-
-
 # ---------------------------------------------------------------- 3c. what reaches the step: data, dropout, evaluation
 
 
@@ -376,7 +355,7 @@ def stub_training(monkeypatch, fed, val_nlls=None, factors=None):
 
 def test_cosine_decay_over_steps_reaches_zero_at_the_last_step(data_dir, tmp_path, monkeypatch):
     """--decay cosine --steps N: step k (1-based) is given the half cosine at (k - 1) / N (the step
-    applies it: test_lr_factor_scales_the_adamw_update). A run of 5 steps decays over its 5; resumed
+    applies it: test_each_step_draws_its_own_dropout_masks_and_lr_scale_...). A run of 5 steps decays over its 5; resumed
     with --steps 12 it goes on along the 12-step curve from step 6; constant (the default) gives 1."""
     factors = []
     stub_training(monkeypatch, [], val_nlls=[5.0] * 4, factors=factors)
@@ -419,28 +398,34 @@ def test_best_npz_keeps_its_score_across_a_resume(data_dir, tmp_path, monkeypatc
     assert [r["val_nll_bits"] for r in log_records(out) if "val_nll_bits" in r] == [1.0, 2.0, 3.0]
 
 
-def test_each_step_draws_its_own_dropout_masks(data_dir):
-    """Dropout 0.5, the optimiser swapped for SGD(1) so the update is -gradient: the same state at
-    step 0 twice gives the same gradient, at step 1 another, and both differ from the gradient
-    without dropout (jax.grad of the mean NLL): dropout reaches the training loss, with a key per step."""
+def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_update(data_dir):
+    """One compiled step (dropout 0.5, AdamW with weight decay 0.1). Dropout: from the same weights,
+    step 0 twice gives the same loss, step 1 another, and both differ from the loss without dropout,
+    so a dropout key reaches the loss, one per step. lr_scale: after a warmup step, one update from
+    the same state with scale 1 and 0.5 (the same masks): the parameters move exactly half as far
+    (the decay term included); with 0 they do not move."""
     ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
     tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
+    tokens = tokens.astype(np.int32)
     cfg = dataclasses.replace(TINY_CFG, dropout=0.5)
-    tc = train.TrainConfig(batch_size=8)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "make_optimizer", lambda tc: (optax.sgd(1.0), optax.constant_schedule(1.0)))
-        step = train.make_train_step(cfg, tc, Mesh(np.array(jax.devices()[:1]), ("data",)))
-        grads = []
-        for at in (0, 0, 1):
-            state = jax.jit(lambda: train.init_state(cfg, tc))()
-            before = snapshot(state["params"])
-            state, _ = step({**state, "step": jnp.int32(at)}, tokens.astype(np.int32), mask, np.float32(1))
-            grads.append({k: before[k] - v for k, v in snapshot(state["params"]).items()})
-    plain = snapshot(reference_grad(jax.jit(lambda: train.init_state(cfg, tc))()["params"], tokens, mask,
-                                    TINY_CFG)[1])
-    assert_same_params(grads[1], grads[0], 0.0)
-    gap = lambda a, b: max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert gap(grads[0], grads[2]) > 1e-3 and gap(grads[0], plain) > 1e-3 and gap(grads[2], plain) > 1e-3
+    tc = train.TrainConfig(batch_size=8, warmup=1, lr=0.01, weight_decay=0.1)
+    step = train.make_train_step(cfg, tc, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    fresh = lambda: jax.jit(lambda: train.init_state(cfg, tc))()  # new buffers: the step donates them
+    losses = [float(step({**fresh(), "step": jnp.int32(at)}, tokens, mask, np.float32(1))[1]["loss_bits"])
+              for at in (0, 0, 1)]
+    plain = float(reference_grad(fresh()["params"], tokens, mask, TINY_CFG)[0]) / math.log(2)
+    assert losses[0] == losses[1]
+    assert min(abs(losses[0] - losses[2]), abs(losses[0] - plain), abs(losses[2] - plain)) > 1e-4, (losses, plain)
+    moved = {}
+    for scale in (1.0, 0.5, 0.0):
+        state, _ = step(fresh(), tokens, mask, np.float32(1.0))  # step 0: lr 0 in the warmup
+        before = snapshot(state["params"])
+        state, m = step(state, tokens, mask, np.float32(scale))
+        assert abs(float(m["lr"]) - 0.01 * scale) < 1e-9
+        moved[scale] = {k: v - before[k] for k, v in snapshot(state["params"]).items()}
+    assert max(float(np.abs(v).max()) for v in moved[1.0].values()) > 1e-3
+    assert_same_params(moved[0.5], {k: v / 2 for k, v in moved[1.0].items()}, 1e-6)  # float32 rounding of p
+    assert_same_params(moved[0.0], {k: 0 * v for k, v in moved[1.0].items()}, 0.0)
 
 
 def test_evaluation_is_the_mean_nll_of_real_tokens_without_dropout():
