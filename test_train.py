@@ -334,10 +334,12 @@ def stub_training(monkeypatch, fed, val_nlls=None, factors=None):
     """train.make_train_step -> a step that records the rows it is fed (as NumPy) and its lr factor
     (in `factors`, if given) and only counts;
     train.make_evaluate -> one that returns val_nlls in turn (validation; test gets 9.0)."""
+    factors = [] if factors is None else factors
+
     def make_train_step(cfg, tc, mesh):
         def train_step(state, tokens, mask, lr_scale):
             fed.append(np.asarray(tokens))
-            (factors if factors is not None else []).append(float(lr_scale))
+            factors.append(float(lr_scale))
             stats = {"loss_bits": np.float32(5.0), "grad_norm": np.float32(1.0), "lr": np.float32(tc.lr),
                      "tokens": np.float32(mask.sum()), "ok": np.bool_(True)}
             return {**state, "step": state["step"] + 1}, stats
