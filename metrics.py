@@ -516,6 +516,27 @@ def scores(params, train_stats, audio):
             'am': float(_kl(train_stats['mean_probs'], probs.mean(0)) + _entropy(probs).mean())}
 
 
+FLOOR_FRAME = 400  # noise_floor_drift: 25 ms frames at 16 kHz
+
+
+def noise_floor_drift(clips):
+    """How far the noise floor moves within a clip, in dB, the median over clips (not a thesis metric:
+    a diagnosis of the samples). Each clip (1-D, its real length) is cut into 25 ms frames; the floor of
+    a quarter of the clip is the 10th percentile of its frames' energies in dB; the drift is |last
+    quarter's floor - first quarter's|. A recording keeps one floor; a sampler whose noise level wanders
+    (into silence, or up into broadband noise) does not. None if a clip is shorter than 4 frames."""
+    drifts = []
+    for clip in clips:
+        n = len(clip) // FLOOR_FRAME
+        if n < 4:
+            return None
+        frames = np.asarray(clip[:n * FLOOR_FRAME], np.float64).reshape(n, FLOOR_FRAME)
+        level = 10 * np.log10(np.mean(frames**2, 1) + 1e-10)
+        quarters = np.array_split(level, 4)
+        drifts.append(abs(np.percentile(quarters[-1], 10) - np.percentile(quarters[0], 10)))
+    return float(np.median(drifts))
+
+
 def split_nll_bits(nll, split, batch_size, put=np.asarray):
     """NLL in bits per sample over the unmasked tokens of a split, batch by batch: nll(tokens, mask)
     -> (sum of -log p in nats, count); put places a host batch (train.py: on its device mesh)."""
@@ -538,11 +559,12 @@ def model_test_nll(path, dtype='float32'):
 
 def format_table(rows):
     """rows: list of (name, dict with nll, fid, is, mis, am) -> text in the layout of thesis table 4.5."""
-    head = f'{"Model":<40} {"Test NLL ↓":>10} {"FID ↓":>8} {"IS ↑":>7} {"mIS ↑":>8} {"AM ↓":>6}'
+    head = f'{"Model":<40} {"Test NLL ↓":>10} {"FID ↓":>8} {"IS ↑":>7} {"mIS ↑":>8} {"AM ↓":>6} {"floor drift dB":>14}'
     lines = [head, '-' * len(head)]
     for name, r in rows:
         nll = '-' if r.get('nll') is None else f'{r["nll"]:.3f}'
-        lines.append(f'{name:<40} {nll:>10} {r["fid"]:>8.2f} {r["is"]:>7.2f} {r["mis"]:>8.2f} {r["am"]:>6.2f}')
+        drift = '-' if r.get('floor_drift_db') is None else f'{r["floor_drift_db"]:.1f}'
+        lines.append(f'{name:<40} {nll:>10} {r["fid"]:>8.2f} {r["is"]:>7.2f} {r["mis"]:>8.2f} {r["am"]:>6.2f} {drift:>14}')
     return '\n'.join(lines)
 
 
@@ -986,7 +1008,8 @@ def cmd_train_classifier(args):
     # Sanity rows: held-out clips should score FID ~ 0 and IS ~ K; noise and silence far worse.
     rng = np.random.default_rng(0)
     n = len(test_audio)
-    reference = {'held-out test clips': scores(params, stats, test_audio),
+    real = [audio[:length] for audio, length in zip(data.decode(ds.test.tokens, ds.encoding), ds.test.lengths)]
+    reference = {'held-out test clips': {**scores(params, stats, test_audio), 'floor_drift_db': noise_floor_drift(real)},
                  'white noise': scores(params, stats, rng.uniform(-1, 1, (n, CLIP_SAMPLES)).astype(np.float32)),
                  'silence': scores(params, stats, np.zeros((n, CLIP_SAMPLES), np.float32))}
     print(format_table(list(reference.items())))
@@ -1014,8 +1037,9 @@ def evaluate_samples(samples, classifier_dir, checkpoint_path=None, dtype='float
             raise SystemExit(f'error: {e}')
         if rate != SAMPLE_RATE:
             raise SystemExit(f'error: {p}: {rate} Hz, the classifier needs {SAMPLE_RATE} Hz')
-        clips.append(fit_length(np.asarray(audio, np.float32).reshape(1, -1))[0])
-    result = scores(params, stats, np.stack(clips))
+        clips.append(np.asarray(audio, np.float32))
+    result = scores(params, stats, np.stack([fit_length(c.reshape(1, -1))[0] for c in clips]))
+    result['floor_drift_db'] = noise_floor_drift(clips)
     result['nll'] = model_test_nll(checkpoint_path, dtype) if checkpoint_path else None
     rows = [(f'{os.path.basename(os.path.normpath(samples))} (n={len(clips)})', result)]
     if 'held-out test clips' in config.get('reference_scores', {}):

@@ -438,8 +438,29 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
     header = next(i for i, line in enumerate(lines) if 'Test NLL' in line)
     row = lines[header + 2].split()
     assert row[:2] == ['samples', '(n=6)'] and float(row[2]) == pytest.approx(nll, abs=1e-3)
-    assert [float(v) for v in row[3:]] == pytest.approx([written[k] for k in ('fid', 'is', 'mis', 'am')], abs=0.01)
+    assert written['floor_drift_db'] == pytest.approx(metrics.noise_floor_drift(clips), abs=1e-9)
+    keys = ('fid', 'is', 'mis', 'am', 'floor_drift_db')
+    assert [float(v) for v in row[3:]] == pytest.approx([written[k] for k in keys], abs=0.05)
     assert lines[header + 3].split()[:4] == ['sc09-espeak', 'test', 'clips', '(n=20)']
+    assert lines[header + 3].split()[-1] == '-'  # this reference has no drift figure
+
+
+def test_noise_floor_drift_measures_how_far_the_floor_moves_within_a_clip():
+    """noise_floor_drift: the 10th-percentile level of 25 ms frames, last quarter against first, the
+    median over clips. A constant floor under a loud word does not drift; a floor that steps from -40
+    to -20 dB halfway drifts 20 dB; a short clip has its own quarters; a clip under 4 frames gives None."""
+    rng = np.random.default_rng(0)
+    noise = lambda n, db: rng.normal(size=n) * 10 ** (db / 20)
+    steady = noise(16000, -40)
+    steady[11000:14000] += 0.5 * np.sin(np.arange(3000) * 0.3)  # the word, in the last quarter
+    stepped = np.concatenate([noise(8000, -40), noise(8000, -20)])
+    assert metrics.noise_floor_drift([steady]) < 0.5
+    assert metrics.noise_floor_drift([stepped]) == pytest.approx(20, abs=0.5)
+    assert metrics.noise_floor_drift([stepped[::-1]]) == pytest.approx(20, abs=0.5)  # down counts as up
+    short = np.concatenate([noise(3200, -30), noise(3200, -36)])  # 16 frames: quarters of 4
+    assert metrics.noise_floor_drift([short]) == pytest.approx(6, abs=0.6)
+    assert metrics.noise_floor_drift([steady, stepped, stepped]) == pytest.approx(20, abs=0.5)  # the median
+    assert metrics.noise_floor_drift([steady, noise(1599, -30)]) is None
 
 
 # ---------------------------------------------------------------- figures
