@@ -47,6 +47,9 @@ RINGS = {  # ring: (|a| min, |a| max, phase max); |a| ~ sqrt(U[min^2, max^2]), p
     "half": (0.9, 0.99, math.pi),
     "full": (0.9, 0.99, 2 * math.pi),
     "circle": (0.01, 0.99, 2 * math.pi),
+    # Not in the thesis: |a| up to 0.9999, memory from ~25 to ~10,000 steps at r = 1/2 (a_t = |a|^(8 r)),
+    # so the deepest level (80 samples a step in the CPU recipe) can hold a clip-long state from the start.
+    "long": (0.99, 0.9999, math.pi / 10),
 }
 CHOICES = {
     "ring": tuple(RINGS),
@@ -67,7 +70,7 @@ class Config:
     d_model: int = 128  # D, the model width
     d_rnn: int = 256  # R, the RG-LRU width
     complex_rnn: bool = True  # complex a = sigmoid(Lambda) e^(i theta), else real a = sigmoid(Lambda)
-    ring: str = "small"  # initialisation of a: small | half | full | circle (sec. 4.4)
+    ring: str = "small"  # initialisation of a: small | half | full | circle (sec. 4.4) | long (not in the thesis, see RINGS)
     norm: str = "layer"  # ResBlock pre-norm: layer | rms | none
     gated: bool = True  # gated ResBlock (Figure 3.4b)
     scale: float | None = None  # init variance of Dense_out and up-pool: None = 1 / branches into the level's stream
