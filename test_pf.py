@@ -260,8 +260,8 @@ def step_logits(params, cfg, x, state=None):
     return jnp.stack(out, 1), state
 
 
-@pytest.mark.parametrize("changes", [
-    {}, {"complex_rnn": False}, {"skip": "long"}, {"placement": "after"}, {"deepest": "attention"},
+@pytest.mark.parametrize("changes", [  # every option's own branch of pf.step, two or three options a compile
+    {}, {"complex_rnn": False, "skip": "long"}, {"placement": "after", "deepest": "attention"},
     {"embedding": "learned", "norm": "rms", "gated": False}, {"embedding": "linear", "groups": 2, "norm": "none"},
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "baseline-shaped")
 def test_step_by_step_equals_parallel_forward(changes):

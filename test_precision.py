@@ -1,11 +1,13 @@
 """Mixed precision (--dtype bfloat16): what stays float32, step == apply, and training that tracks
 float32. Tolerances come from bf16's rounding: 8 significant bits, a relative error of up to
 2^-8 ~ 0.4% per rounding of an activation."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import pf
 import train
@@ -106,9 +108,12 @@ def test_bf16_training_loss_tracks_float32():
     mask = np.ones((8, 64), bool)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     curves = {}
+    tc = train.TrainConfig(batch_size=8, warmup=10, lr=3e-3)
+    init = jax.device_get(jax.jit(lambda: train.init_state(cfg, tc))())  # one init for both runs
     for dtype in ("float32", "bfloat16"):
-        tc = train.TrainConfig(batch_size=8, warmup=10, lr=3e-3, dtype=dtype)
-        state = jax.jit(lambda: train.init_state(cfg, tc))()  # separate buffers (the step donates them)
+        tc = dataclasses.replace(tc, dtype=dtype)
+        # separate buffers (the step donates them), placed as the step's output is: one compile each
+        state = jax.device_put(init, NamedSharding(mesh, P()))
         step = train.make_train_step(cfg, tc, mesh)
         losses = []
         for batch in tokens:

@@ -181,13 +181,14 @@ def readout_steps(data_dir):
         patch.setattr(train, "make_optimizer",
                       lambda tc: (optax.sgd(1.0, momentum=0.0), optax.constant_schedule(1.0)))
         tc = train.TrainConfig(batch_size=8, microbatch=2, ema=0.8)
-        state = jax.jit(lambda: train.init_state(TINY_CFG, tc))()
+        mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+        # placed as the step's output is (as train.py does): the step compiles once
+        state = jax.device_put(jax.jit(lambda: train.init_state(TINY_CFG, tc))(), NamedSharding(mesh, P()))
         refs = [reference_grad(state["params"], tokens, mask, TINY_CFG) for tokens, mask in batches]
         norms = [global_norm(snapshot(g)) for _, g in refs]
         order = np.argsort(norms)
         skip_norm = (norms[order[-1]] + norms[order[-2]]) / 2
-        step = train.make_train_step(TINY_CFG, dataclasses.replace(tc, skip_norm=skip_norm),
-                                     Mesh(np.array(jax.devices()[:1]), ("data",)))
+        step = train.make_train_step(TINY_CFG, dataclasses.replace(tc, skip_norm=skip_norm), mesh)
         states, metrics = [snapshot(state)], []
         for i in (order[-1], order[0], order[1]):
             state, m = step(state, *batches[i], 1.0)
