@@ -558,7 +558,8 @@ def model_test_nll(path, dtype='float32'):
 
 
 def format_table(rows):
-    """rows: list of (name, dict with nll, fid, is, mis, am) -> text in the layout of thesis table 4.5."""
+    """rows: list of (name, dict with nll, fid, is, mis, am, floor_drift_db) -> text in the layout of thesis
+    table 4.5, with the floor drift (not a thesis metric) as the last column; "-" where a value is missing."""
     head = f'{"Model":<40} {"Test NLL ↓":>10} {"FID ↓":>8} {"IS ↑":>7} {"mIS ↑":>8} {"AM ↓":>6} {"floor drift dB":>14}'
     lines = [head, '-' * len(head)]
     for name, r in rows:
