@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import data
 import pf
+import sample
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,6 +110,36 @@ def test_training_lowers_validation_nll(data_dir, tmp_path):
     assert len(vals) == 6
     assert vals[-1] < vals[0] - 0.5, vals
     assert vals[-1] < 8.0, vals
+
+
+def test_a_memorised_spoken_digit_is_said_back_by_the_sampler(data_dir):
+    """End to end, against the data itself: the training step memorises the loudest 1,200 tokens
+    (75 ms of a voiced digit) of a built-in clip, and the recurrent sampler, given its first 6
+    tokens (one deepest pooled step) and drawing at temperature 0.01, says the other 1,194 back
+    token for token from the EMA weights. The untrained model, sampled the same way, does not."""
+    ds = data.load("sc09-espeak", data_dir, "tiny")
+    clip, length = ds.train.tokens[0], ds.train.lengths[0]
+    energy = np.convolve(data.mu_law_decode(clip[:length]).astype(np.float64) ** 2, np.ones(1200), "valid")
+    start = int(np.argmax(energy))
+    segment = clip[start:start + 1200].astype(np.int32)
+    assert len(np.unique(segment)) > 100  # a loud, varied waveform, not a near-constant stretch
+    cfg = pf.Config(pooling=(2, 3), layers=(1, 1, 1), d_model=16, d_rnn=64, dropout=0.0)
+    tc = train.TrainConfig(batch_size=1, lr=0.01, warmup=10, ema=0.9)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = jax.device_put(jax.jit(lambda: train.init_state(cfg, tc))(), NamedSharding(mesh, P()))
+    untrained = jax.tree.map(jnp.copy, state["ema"])  # (the step donates the state's buffers)
+    step = train.make_train_step(cfg, tc, mesh)
+    tokens, mask = jnp.asarray(segment[None]), jnp.ones((1, 1200), jnp.float32)
+    for _ in range(200):
+        state, stats = step(state, tokens, mask, np.float32(1.0))
+    assert float(stats["loss_bits"]) < 0.1
+
+    def said_back(params):
+        drawn, _ = sample.generate(params, cfg, jax.random.key(0), tokens, 6, temperature=0.01)
+        return float(np.mean(np.asarray(drawn)[0, 6:] == segment[6:]))
+
+    assert said_back(state["ema"]) == 1.0
+    assert said_back(untrained) < 0.1
 
 
 # ---------------------------------------------------------------- 2-3. devices, processes, accumulation
