@@ -648,6 +648,23 @@ def test_minutes_budget_must_be_positive(minutes, capsys):
     assert e.value.code == 2 and f"--snapshot-minutes {float(minutes)} must be > 0" in capsys.readouterr().err
 
 
+def test_train_clips_trains_and_validates_on_the_first_clip_of_each_digit_in_turn():
+    labels = np.array([2, 0, 0, 1, 2, 0, -1])
+    assert train.memorisation_rows(labels, 7).tolist() == [6, 1, 3, 0, 2, 4, 5]
+    assert train.memorisation_rows(np.full(5, -1), 3).tolist() == [0, 1, 2]
+    tokens = np.arange(7)[:, None] * np.ones((1, 4), np.uint8)
+    split = data.Split(tokens, np.arange(1, 8, dtype=np.int32), labels)
+    ds = data.Dataset("sc09-espeak", "mu-law", 16000, 4, split, split, split)
+    mem = train.memorisation_set(ds, 3)  # the clips 6, 1 and 3
+    assert mem.validation.tokens[:, 0].tolist() == [6, 1, 3] and mem.validation.lengths.tolist() == [7, 2, 4]
+    assert mem.train.tokens[:, 0].tolist() == [6, 1, 3, 6, 1, 3, 6]  # repeated to the split's length
+    assert mem.train.labels.tolist() == [-1, 0, 1, -1, 0, 1, -1] and mem.test is split
+    with pytest.raises(SystemExit, match="--train-clips 8: the training split has 7 clips"):
+        train.memorisation_set(ds, 8)
+    with pytest.raises(SystemExit, match="--train-clips 0 must be >= 1"):
+        train.check_config(pf.Config(), train.TrainConfig(train_clips=0))
+
+
 def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, compile_cache, tmp_path):
     """A run on the built-in digits ends by sampling (here 4 clips), scoring them with the shipped
     classifier and drawing curves.png; `metrics.py evaluate`, run afterwards in its own process on the

@@ -66,6 +66,7 @@ class TrainConfig:
     snapshot_minutes: float | None = None  # also keep OUT/at_<M>min.npz every M minutes of this run (quality curves)
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
+    train_clips: int | None = None  # a memorisation check: train and validate on N training clips only (memorisation_set)
     resume: bool = False  # continue from the newest readable checkpoint in --out
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
     report_samples: int = 64  # spoken digits: clips sampled and scored (NLL, FID, IS, mIS, AM) at the end; 0: none
@@ -224,6 +225,29 @@ def subset(split, n):
     return split if n is None else data.Split(split.tokens[:n], split.lengths[:n], split.labels[:n])
 
 
+def memorisation_rows(labels, n):
+    """The first clip of each label in label order, then the second of each, ...: n training rows.
+    On the built-in digits n = 10 gives one clip per digit; unlabelled data (-1) gives rows 0..n-1."""
+    rank = np.zeros(len(labels), np.int64)  # how many earlier rows share the row's label
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        rank[rows] = np.arange(len(rows))
+    return np.lexsort((labels, rank))[:n]
+
+
+def memorisation_set(ds, n):
+    """--train-clips N: can the model learn N clips by heart? They become the validation split (so
+    best.npz is the best-memorised state) and the training split, repeated to the split's former
+    length so an epoch keeps its number of steps. The test split stays: it measures the overfitting."""
+    if not 1 <= n <= len(ds.train):
+        raise SystemExit(f"error: --train-clips {n}: the training split has {len(ds.train)} clips")
+    rows = memorisation_rows(ds.train.labels, n)
+    chosen = data.Split(ds.train.tokens[rows], ds.train.lengths[rows], ds.train.labels[rows])
+    repeated = np.resize(rows, len(ds.train))
+    return dataclasses.replace(ds, validation=chosen, train=data.Split(
+        ds.train.tokens[repeated], ds.train.lengths[repeated], ds.train.labels[repeated]))
+
+
 # ---------------------------------------------------------------- checkpoints (checkpoint.py)
 
 
@@ -289,7 +313,7 @@ def parse_args(argv):
 
 
 POSITIVE = ("batch_size", "microbatch", "epochs", "warmup", "log_every", "ckpt_every", "keep", "eval_every",
-            "eval_clips", "max_bad_steps")  # TrainConfig fields that must be >= 1 where set
+            "eval_clips", "max_bad_steps", "train_clips")  # TrainConfig fields that must be >= 1 where set
 
 
 def check_config(cfg, tc):
@@ -347,6 +371,8 @@ def main(argv=None):
         ds = data.load(tc.dataset, tc.data_dir, tc.size, tc.seq_len, tc.path)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
+    if tc.train_clips:
+        ds = memorisation_set(ds, tc.train_clips)
     check(cfg, tc, ds, mesh.size)
     per_epoch = data.steps_per_epoch(ds.train, tc.batch_size)
     total_steps = tc.steps if tc.steps is not None else tc.epochs * per_epoch
