@@ -3,6 +3,7 @@
     python metrics.py train-classifier --dataset sc09-espeak     # digit classifier -> data/classifier-sc09-espeak/
     python metrics.py evaluate --samples DIR [--checkpoint MODEL] # table 4.5 row: NLL, FID, IS, mIS, AM
     python metrics.py figures --checkpoint RUN                    # figures 4.7, 4.9 (+ JSON) and curves.png
+    python metrics.py frames --checkpoint RUN                     # NLL in speech and noise against a linear predictor
 
 The perceptual metrics follow SaShiMi's SC09 evaluation (state-spaces/s4, sashimi/sc09_classifier):
 a digit classifier reads a 32 x 32 mel image of each clip; FID compares its penultimate (pooled)
@@ -557,6 +558,84 @@ def model_test_nll(path, dtype='float32'):
     return split_nll_bits(lambda tokens, mask: nll(params, tokens, mask), ds.test, tc['microbatch'] or tc['batch_size'])
 
 
+# ----------------------------------------------------------------------------------------------
+# Where the NLL goes: loud frames and noise-floor frames, against a linear predictor (a diagnosis)
+
+LPC_ORDER = 16  # taps of the reference predictor
+
+
+def mu_law_edges():
+    """(257,) amplitude edges of the 256 mu-law tokens' intervals (data.mu_law_encode's floor rule),
+    with -inf and +inf at the ends: token k holds the amplitudes [edges[k], edges[k + 1])."""
+    y = np.clip((np.arange(257) - 0.005) / (256 - 0.01) * 2 - 1, -1, 1)
+    edges = np.sign(y) * ((1 + data.MU) ** np.abs(y) - 1) / data.MU
+    edges[0], edges[-1] = -np.inf, np.inf
+    return edges
+
+
+_phi = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2)))  # the standard normal CDF
+
+
+def gaussian_token_bits(tokens, mean, sigma):
+    """-log2 of the mass N(mean, sigma) puts on each mu-law token's interval (mixed with 0.1% of a
+    uniform guess, so a surprise costs at most ~18 bits)."""
+    edges = mu_law_edges()
+    lo, hi = (edges[tokens] - mean) / sigma, (edges[tokens.astype(np.int64) + 1] - mean) / sigma
+    mass = np.where(lo > 0, _phi(-lo) - _phi(-hi), _phi(hi) - _phi(lo))  # the accurate tail of the two
+    return -np.log2(0.999 * mass + 0.001 / 256)
+
+
+def lpc_bits(tokens, order=LPC_ORDER, frame=FLOOR_FRAME):
+    """Bits per token of a causal linear predictor of the decoded waveform: each 25 ms frame is
+    predicted by a 16-tap predictor fitted (least squares) on the frame before it, with a Gaussian
+    residual of that fit's RMS integrated over the token's interval. NaN where no frame before has
+    a full history (the first two frames) and past the last whole frame."""
+    x = data.mu_law_decode(tokens).astype(np.float64)
+    bits = np.full(len(x), np.nan)
+    lags = lambda s, n: np.stack([x[s - j - 1:s - j - 1 + n] for j in range(order)], 1)  # x[t-1..t-order]
+    for s in range(2 * frame, len(x) - frame + 1, frame):
+        past = lags(s - frame, frame)
+        coef = np.linalg.lstsq(past, x[s - frame:s], rcond=None)[0]
+        sigma = max(float(np.std(x[s - frame:s] - past @ coef)), 1e-5)
+        bits[s:s + frame] = gaussian_token_bits(tokens[s:s + frame], lags(s, frame) @ coef, sigma)
+    return bits
+
+
+def frame_nll(model_bits, tokens, lengths, frame=FLOOR_FRAME):
+    """Mean bits per token of the model (model_bits (N, L)) and of lpc_bits, over the loud frames
+    (> 15 dB above the clip's floor, the 10th percentile of its frame energies: speech) and the floor
+    frames (< 3 dB above it: noise alone) that lpc_bits covers. -> {'loud'|'floor': (frames, model, lpc)}."""
+    kinds = {'loud': ([], []), 'floor': ([], [])}
+    for bits, q, n in zip(model_bits, tokens, lengths):
+        n = n // frame * frame
+        if n < 3 * frame:  # no frame with a linear prediction
+            continue
+        level = 10 * np.log10(np.mean(data.mu_law_decode(q[:n]).astype(np.float64).reshape(-1, frame) ** 2, 1) + 1e-10)
+        floor, lpc = np.percentile(level, 10), lpc_bits(q[:n], frame=frame).reshape(-1, frame)
+        for j in range(2, n // frame):
+            kind = 'loud' if level[j] > floor + 15 else 'floor' if level[j] < floor + 3 else None
+            if kind:
+                kinds[kind][0].append(bits[j * frame:(j + 1) * frame].mean())
+                kinds[kind][1].append(lpc[j].mean())
+    return {k: (len(m), float(np.mean(m)) if m else None, float(np.mean(l)) if l else None)
+            for k, (m, l) in kinds.items()}
+
+
+def model_token_bits(path, clips):
+    """(bits (N, L) of each token under a checkpoint's EMA weights, the first `clips` test clips)."""
+    cfg, params, meta = checkpoint.load_model(path)
+    tc = meta['train']
+    if meta['data']['encoding'] != 'mu-law':
+        raise SystemExit(f"error: {path}: frames needs mu-law audio, not {meta['data']['encoding']}")
+    ds = data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
+    split = ds.test if clips is None else data.Split(ds.test.tokens[:clips], ds.test.lengths[:clips], ds.test.labels[:clips])
+    logp = jax.jit(lambda p, x: jax.nn.log_softmax(pf.apply(p, x, cfg)))
+    bits = [-np.take_along_axis(np.asarray(logp(params, jnp.asarray(split.tokens[i:i + 8], jnp.int32))),
+                                split.tokens[i:i + 8, :, None].astype(np.int64), -1)[..., 0] / math.log(2)
+            for i in range(0, len(split), 8)]
+    return np.concatenate(bits), split
+
+
 def format_table(rows):
     """rows: list of (name, dict with nll, fid, is, mis, am, floor_drift_db) -> text in the layout of thesis
     table 4.5, with the floor drift (not a thesis metric) as the last column; "-" where a value is missing."""
@@ -1067,6 +1146,17 @@ def cmd_evaluate(args):
     evaluate_samples(args.samples, cdir, args.checkpoint, args.dtype, args.out)
 
 
+def cmd_frames(args):
+    bits, split = model_token_bits(args.checkpoint, args.clips)
+    result = frame_nll(bits, split.tokens, split.lengths)
+    print(f'NLL in bits per sample, the first {len(split)} test clips in 25 ms frames; the reference predicts each '
+          f'frame with {LPC_ORDER} taps fitted on the frame before')
+    print(f'{"frames":<44} {"count":>6} {"model":>7} {"linear":>7}')
+    for kind, label in (('loud', 'loud (> 15 dB above the clip\'s noise floor)'), ('floor', 'noise floor (< 3 dB above it)')):
+        n, m, l = result[kind]
+        print(f'{label:<44} {n:>6} ' + (f'{m:>7.2f} {l:>7.2f}' if n else f'{"-":>7} {"-":>7}'))
+
+
 def cmd_figures(args):
     if args.init:  # a freshly initialised baseline model (thesis Figure 4.7, left column)
         import pf  # only this option needs the model code
@@ -1180,13 +1270,18 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='init seed of --init')
     p.add_argument('--out', default=None, help='output folder (default: the run folder)')
     p.set_defaults(run=cmd_figures)
+    p = sub.add_parser('frames', help='where the NLL goes: the model against a 16-tap linear predictor in the '
+                       'loud (speech) and the noise-floor frames of test clips')
+    p.add_argument('--checkpoint', required=True, help='train.py run folder (best.npz, else the newest) or .npz')
+    p.add_argument('--clips', type=int, default=32, help='the first N test clips')
+    p.set_defaults(run=cmd_frames)
     p = sub.add_parser('compare', help='a markdown table of train.py runs: params, steps, tokens/s, validation '
                        'NLL at equal minutes and at equal steps, FID and IS of their quality reports')
     p.add_argument('runs', nargs='+', help='train.py run folders')
     p.add_argument('--out', default=None, help='also write the rows as JSON here')
     p.set_defaults(run=cmd_compare)
     args = parser.parse_args(argv)
-    for flag in ('steps', 'batch'):
+    for flag in ('steps', 'batch', 'clips'):
         if getattr(args, flag, 1) < 1:
             raise SystemExit(f'error: --{flag} {getattr(args, flag)} must be >= 1')
     args.run(args)

@@ -12,8 +12,10 @@ import jax
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 from hypothesis import given, settings, strategies as st
 
+import data
 import metrics
 
 
@@ -442,6 +444,12 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
     keys = ('fid', 'is', 'mis', 'am', 'floor_drift_db')
     assert [float(v) for v in row[3:]] == pytest.approx([written[k] for k in keys], abs=0.05)
     assert lines[header + 3].split()[:4] == ['sc09-espeak', 'test', 'clips', '(n=20)']
+    # `frames` reads the same model's bits per token (rows of 160 tokens: no whole 25 ms frame after two)
+    bits, split = metrics.model_token_bits(str(tmp_path / 'run'), None)
+    assert len(split) == len(test) and bits[real].mean() == pytest.approx(nll, abs=1e-4)
+    metrics.main(['frames', '--checkpoint', str(tmp_path / 'run'), '--clips', '3'])
+    table = capsys.readouterr().out
+    assert 'the first 3 test clips' in table and table.splitlines()[-1].split()[-3:] == ['0', '-', '-']
     assert lines[header + 3].split()[-1] == '-'  # this reference has no drift figure
 
 
@@ -462,6 +470,54 @@ def test_noise_floor_drift_measures_how_far_the_floor_moves_within_a_clip():
     assert metrics.noise_floor_drift([steady, stepped, stepped]) == pytest.approx(20, abs=0.5)  # the median
     assert metrics.noise_floor_drift([steady, noise(1599, -30)]) is None
 
+
+
+def quantised_gaussian_entropy(sigma):
+    """Entropy in bits of the mu-law token of N(0, sigma) amplitudes, from scipy's normal CDF on the
+    token edges written out from data.mu_law_encode's rule (an independent reference)."""
+    y = np.clip((np.arange(257) - 0.005) / 255.99 * 2 - 1, -1, 1)
+    x = np.sign(y) * (256.0 ** np.abs(y) - 1) / 255
+    mass = np.diff(scipy.stats.norm.cdf(np.r_[-np.inf, x[1:-1], np.inf] / sigma))
+    return float(-np.sum(mass[mass > 0] * np.log2(mass[mass > 0])))
+
+
+def test_linear_predictor_costs_the_entropy_of_white_noise_and_less_for_a_resonance():
+    """lpc_bits on white noise: no tap helps, so its bits equal the entropy of the noise's tokens (plus
+    the cost of fitting 16 taps on 400 samples). On a resonance (an AR(2) process with the same power,
+    driven by noise 7.8x weaker) it saves about log2(7.8) = 3 bits: it predicts from the past."""
+    rng = np.random.default_rng(0)
+    sigma, n = 0.05, 16000
+    white = data.mu_law_encode(rng.normal(0, sigma, n))
+    bits = metrics.lpc_bits(white)
+    assert np.isnan(bits[:800]).all() and not np.isnan(bits[800:]).any()  # the first two frames: no fit
+    entropy = quantised_gaussian_entropy(sigma)
+    assert entropy < np.mean(bits[800:]) < entropy + 0.1, (np.mean(bits[800:]), entropy)
+    r, w = 0.86, 2 * np.pi * 300 / 16000  # poles r e^(+-iw): a gain of 7.8
+    a1, a2 = 2 * r * np.cos(w), -r * r
+    gain = np.sqrt((1 - a2) / ((1 + a2) * ((1 - a2) ** 2 - a1 ** 2)))  # std of the process per unit drive
+    e, x = rng.normal(0, 1, n + 4000), np.zeros(n + 4000)
+    for t in range(2, len(x)):
+        x[t] = a1 * x[t - 1] + a2 * x[t - 2] + e[t]
+    x = x[4000:] / gain * sigma  # the same power as the white noise
+    assert np.std(x) == pytest.approx(sigma, rel=0.2)
+    saved = np.mean(bits[800:]) - np.mean(metrics.lpc_bits(data.mu_law_encode(x))[800:])
+    assert abs(saved - np.log2(gain)) < 0.3, (saved, np.log2(gain))
+
+
+def test_frame_nll_splits_loud_frames_from_noise_floor_frames():
+    """A clip of 40 frames: a -40 dB floor with a tone 30 dB louder in frames 20-29. A stand-in model
+    costs 1 bit per token in the floor and 5 in the tone: frame_nll finds 10 loud frames at 5 bits and
+    28 floor frames at 1 bit (the first two frames have no linear prediction and are left out)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 0.01, 16000)
+    x[8000:12000] += 0.3 * np.sin(np.arange(4000) * 0.2)
+    tokens = data.mu_law_encode(x)
+    model_bits = np.where((np.arange(16000) >= 8000) & (np.arange(16000) < 12000), 5.0, 1.0)
+    result = metrics.frame_nll(model_bits[None], tokens[None], [16000])
+    assert result['loud'][:2] == (10, 5.0) and result['floor'][:2] == (28, 1.0)
+    lpc = metrics.lpc_bits(tokens)
+    assert result['floor'][2] == pytest.approx(np.mean(np.r_[lpc[800:8000], lpc[12000:]]))
+    assert result['loud'][2] < result['floor'][2] - 2  # a tone is far easier to predict than noise
 
 # ---------------------------------------------------------------- figures
 
