@@ -621,8 +621,16 @@ def frame_nll(model_bits, tokens, lengths, frame=FLOOR_FRAME):
             for k, (m, l) in kinds.items()}
 
 
+def nll_by_offset(bits, lengths, factor):
+    """Mean bits per real token (bits (N, L)) by offset o = (t - F + 1) mod F in the first pooling
+    group: with up_pool's shift by F - 1, position t's pooled path has seen the tokens up to t-1-o."""
+    real = np.arange(bits.shape[1]) < np.asarray(lengths)[:, None]
+    offset = (np.arange(bits.shape[1]) - (factor - 1)) % factor
+    return [float(bits[real & (offset == o)].mean()) for o in range(factor)]
+
+
 def model_token_bits(path, clips):
-    """(bits (N, L) of each token under a checkpoint's EMA weights, the first `clips` test clips)."""
+    """(bits (N, L) of each token under a checkpoint's EMA weights, the first `clips` test clips, cfg)."""
     cfg, params, meta = checkpoint.load_model(path)
     tc = meta['train']
     if meta['data']['encoding'] != 'mu-law':
@@ -633,7 +641,7 @@ def model_token_bits(path, clips):
     bits = [-np.take_along_axis(np.asarray(logp(params, jnp.asarray(split.tokens[i:i + 8], jnp.int32))),
                                 split.tokens[i:i + 8, :, None].astype(np.int64), -1)[..., 0] / math.log(2)
             for i in range(0, len(split), 8)]
-    return np.concatenate(bits), split
+    return np.concatenate(bits), split, cfg
 
 
 def format_table(rows):
@@ -1147,14 +1155,22 @@ def cmd_evaluate(args):
 
 
 def cmd_frames(args):
-    bits, split = model_token_bits(args.checkpoint, args.clips)
+    bits, split, cfg = model_token_bits(args.checkpoint, args.clips)
     result = frame_nll(bits, split.tokens, split.lengths)
     print(f'NLL in bits per sample, the first {len(split)} test clips in 25 ms frames; the reference predicts each '
           f'frame with {LPC_ORDER} taps fitted on the frame before')
     print(f'{"frames":<44} {"count":>6} {"model":>7} {"linear":>7}')
-    for kind, label in (('loud', 'loud (> 15 dB above the clip\'s noise floor)'), ('floor', 'noise floor (< 3 dB above it)')):
-        n, m, l = result[kind]
+    rows = [(label, result[kind]) for kind, label in (('loud', 'loud (> 15 dB above the clip\'s noise floor)'),
+                                                        ('floor', 'noise floor (< 3 dB above it)'))]
+    if args.per_clip:
+        for i in range(len(split)):
+            one = frame_nll(bits[i:i + 1], split.tokens[i:i + 1], split.lengths[i:i + 1])
+            rows += [(f'test clip {i}: {kind}', one[kind]) for kind in ('loud', 'floor')]
+    for label, (n, m, l) in rows:
         print(f'{label:<44} {n:>6} ' + (f'{m:>7.2f} {l:>7.2f}' if n else f'{"-":>7} {"-":>7}'))
+    if cfg.pooling:
+        print(f'model NLL by offset in the first pooling group (the pooled path has seen up to x[t-1-offset]): ' +
+              ', '.join(f'{o}: {b:.2f}' for o, b in enumerate(nll_by_offset(bits, split.lengths, cfg.pooling[0]))))
 
 
 def cmd_figures(args):
@@ -1274,6 +1290,7 @@ def main(argv=None):
                        'loud (speech) and the noise-floor frames of test clips')
     p.add_argument('--checkpoint', required=True, help='train.py run folder (best.npz, else the newest) or .npz')
     p.add_argument('--clips', type=int, default=32, help='the first N test clips')
+    p.add_argument('--per-clip', action='store_true', help='also a row per clip and kind of frame')
     p.set_defaults(run=cmd_frames)
     p = sub.add_parser('compare', help='a markdown table of train.py runs: params, steps, tokens/s, validation '
                        'NLL at equal minutes and at equal steps, FID and IS of their quality reports')

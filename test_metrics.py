@@ -445,11 +445,15 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
     assert [float(v) for v in row[3:]] == pytest.approx([written[k] for k in keys], abs=0.05)
     assert lines[header + 3].split()[:4] == ['sc09-espeak', 'test', 'clips', '(n=20)']
     # `frames` reads the same model's bits per token (rows of 160 tokens: no whole 25 ms frame after two)
-    bits, split = metrics.model_token_bits(str(tmp_path / 'run'), None)
+    bits, split, _ = metrics.model_token_bits(str(tmp_path / 'run'), None)
     assert len(split) == len(test) and bits[real].mean() == pytest.approx(nll, abs=1e-4)
-    metrics.main(['frames', '--checkpoint', str(tmp_path / 'run'), '--clips', '3'])
+    metrics.main(['frames', '--checkpoint', str(tmp_path / 'run'), '--clips', '3', '--per-clip'])
     table = capsys.readouterr().out
-    assert 'the first 3 test clips' in table and table.splitlines()[-1].split()[-3:] == ['0', '-', '-']
+    assert 'the first 3 test clips' in table and table.splitlines()[-2].split()[-3:] == ['0', '-', '-']
+    by_offset = metrics.nll_by_offset(bits[:3], split.lengths[:3], 2)
+    assert table.splitlines()[-1].endswith(f'0: {by_offset[0]:.2f}, 1: {by_offset[1]:.2f}')
+    assert [line.split(':')[0] for line in table.splitlines() if line.startswith('test clip')] == \
+        ['test clip 0', 'test clip 0', 'test clip 1', 'test clip 1', 'test clip 2', 'test clip 2']
     assert lines[header + 3].split()[-1] == '-'  # this reference has no drift figure
 
 
@@ -502,6 +506,16 @@ def test_linear_predictor_costs_the_entropy_of_white_noise_and_less_for_a_resona
     assert np.std(x) == pytest.approx(sigma, rel=0.2)
     saved = np.mean(bits[800:]) - np.mean(metrics.lpc_bits(data.mu_law_encode(x))[800:])
     assert abs(saved - np.log2(gain)) < 0.3, (saved, np.log2(gain))
+
+
+def test_nll_by_offset_counts_offsets_from_the_up_pools_shift():
+    """Pooling by 4: up_pool shifts by 3, so position 3 is offset 0 (its pooled step has seen every
+    token before it), position 4 offset 1, ...; padded positions are left out."""
+    bits = np.tile([10.0, 20.0, 30.0, 40.0], 3)[None]  # position t costs 10 (t mod 4 + 1)
+    assert metrics.nll_by_offset(bits, [12], 4) == [40.0, 10.0, 20.0, 30.0]
+    bits[0, 10:] = 1000.0  # padding
+    assert metrics.nll_by_offset(bits, [10], 4) == [40.0, 10.0, 20.0, 30.0]
+    assert metrics.nll_by_offset(np.arange(6.0)[None], [6], 2) == [3.0, 2.0]  # offset 0 at 1, 3, 5
 
 
 def test_frame_nll_splits_loud_frames_from_noise_floor_frames():
