@@ -586,11 +586,12 @@ def apply(params, x, cfg, *, key=None, dtype=jnp.float32):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the compute dtypes (--dtype)
 
 
-def nll_sum(params, tokens, mask, cfg, key=None, dtype="float32"):
+def nll_sum(params, tokens, mask, cfg, key=None, dtype="float32", inputs=None):
     """The loss: sum of -log p(token) in nats over unmasked positions (mask (B, S)), and the number
-    of those positions. Logits, softmax and cross-entropy are float32 whatever the compute dtype."""
+    of those positions. Logits, softmax and cross-entropy are float32 whatever the compute dtype.
+    inputs: what the model reads in place of the tokens (train.py --input-noise); None = the tokens."""
     tokens = tokens.astype(jnp.int32)
-    logits = apply(params, tokens, cfg, key=key, dtype=DTYPES[dtype])
+    logits = apply(params, tokens if inputs is None else inputs.astype(jnp.int32), cfg, key=key, dtype=DTYPES[dtype])
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]  # (B, S)
     return jnp.sum(ce * mask), jnp.sum(mask)
 

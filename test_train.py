@@ -465,6 +465,41 @@ def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_upd
     assert_same_params(moved[0.0], {k: 0 * v for k, v in moved[1.0].items()}, 0.0)
 
 
+def test_input_noise_moves_a_share_of_the_inputs_and_the_loss_keeps_the_clean_targets(data_dir):
+    """corrupt_inputs: about p of the tokens move, each by 1..8 levels at most, clipped to 0..255.
+    The step with --input-noise 0.3: its loss is the NLL of the clean tokens given the inputs
+    corrupt_inputs draws from the step's key (pf.apply, NumPy log-softmax), not that of the clean
+    inputs; with 0 it is the clean NLL."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4000)), jnp.int32)
+    moved = np.asarray(train.corrupt_inputs(tokens, jax.random.key(3), 0.3, 256)) - np.asarray(tokens)
+    assert 0.25 < np.mean(moved != 0) < 0.3 and np.abs(moved).max() == 8  # (an offset of 0 or a clip: unmoved)
+    edge = np.asarray(train.corrupt_inputs(jnp.full((1, 4000), 255), jax.random.key(3), 1.0, 256))
+    assert edge.min() == 247 and edge.max() == 255
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
+    tokens = tokens.astype(np.int32)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+
+    def nll_bits(params, inputs):
+        logits = np.asarray(pf.apply(params, jnp.asarray(inputs), TINY_CFG), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        return -np.sum(np.take_along_axis(logp, tokens[..., None], -1)[..., 0] * mask) / mask.sum() / math.log(2)
+
+    losses = {}
+    for p in (0.0, 0.3):
+        tc = train.TrainConfig(batch_size=8, warmup=1, seed=5, input_noise=p)
+        state = jax.device_put(jax.jit(lambda: train.init_state(TINY_CFG, tc))(), NamedSharding(mesh, P()))
+        params = jax.tree.map(jnp.copy, state["params"])
+        losses[p] = float(train.make_train_step(TINY_CFG, tc, mesh)(state, tokens, mask, np.float32(1))[1]["loss_bits"])
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(6), 0), 0), 1)  # seed+1, step, microbatch
+    noisy = np.asarray(train.corrupt_inputs(jnp.asarray(tokens), key, 0.3, 256))
+    assert np.mean(noisy != tokens) > 0.2
+    assert losses[0.0] == pytest.approx(nll_bits(params, tokens), abs=1e-4)
+    assert losses[0.3] == pytest.approx(nll_bits(params, noisy), abs=1e-4)
+    assert abs(losses[0.3] - losses[0.0]) > 1e-3
+
+
 def test_evaluation_is_the_mean_nll_of_real_tokens_without_dropout():
     """train.make_evaluate (dropout 0.5 in the config) on 11 rows of mixed lengths in batches of 4 (the
     last batch padded): bits per real token, against log-softmax in NumPy over pf.apply's logits."""

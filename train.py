@@ -69,6 +69,7 @@ class TrainConfig:
     train_clips: int | None = None  # a memorisation check: train and validate on N training clips only (memorisation_set)
     resume: bool = False  # continue from the newest readable checkpoint in --out
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
+    input_noise: float = 0.0  # not in the thesis: the share of input tokens moved by up to 8 levels (corrupt_inputs)
     report_samples: int = 64  # spoken digits: clips sampled and scored (NLL, FID, IS, mIS, AM) at the end; 0: none
 
 
@@ -127,6 +128,17 @@ def compiler_options():
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
+def corrupt_inputs(tokens, key, p, vocab, width=8):
+    """--input-noise p (an experiment, not in the thesis): each token the model reads is, with
+    probability p, moved by a uniform offset in [-width, width] levels (clipped to the vocabulary);
+    the targets stay clean. Trained on clean inputs only, the model never sees an input like its own
+    sampling errors, and a sample that leaves the data does not come back (README: Results)."""
+    k_hit, k_offset = jax.random.split(key)
+    hit = jax.random.bernoulli(k_hit, p, tokens.shape)
+    moved = jnp.clip(tokens + jax.random.randint(k_offset, tokens.shape, -width, width + 1), 0, vocab - 1)
+    return jnp.where(hit, moved, tokens)
+
+
 def make_train_step(cfg, tc, mesh):
     """train_step(state, tokens (B, L), mask (B, L), lr_scale) -> (state, metrics): lr_scale (a host
     float32, from lr_factor()) scales the update, i.e. the learning rate. The batch is split into
@@ -145,8 +157,9 @@ def make_train_step(cfg, tc, mesh):
         mask = jax.lax.with_sharding_constraint(rearrange(mask, "(m n) l -> n m l", n=n_micro), micro)
 
         def accumulate(carry, i):
-            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, jax.random.fold_in(key, i),
-                                            tc.dtype)
+            k = jax.random.fold_in(key, i)
+            inputs = corrupt_inputs(tokens[i], jax.random.fold_in(k, 1), tc.input_noise, cfg.vocab) if tc.input_noise else None
+            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, k, tc.dtype, inputs)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
@@ -327,6 +340,8 @@ def check_config(cfg, tc):
     if not (tc.lr > 0 and 0 <= tc.b1 < 1 and 0 <= tc.b2 < 1 and 0 <= tc.ema < 1 and tc.weight_decay >= 0):
         raise SystemExit(f"error: need --lr > 0 (got {tc.lr}), --b1, --b2 and --ema in [0, 1) (got {tc.b1}, "
                          f"{tc.b2}, {tc.ema}) and --weight-decay >= 0 (got {tc.weight_decay})")
+    if not 0 <= tc.input_noise <= 1:
+        raise SystemExit(f"error: --input-noise {tc.input_noise} must be in [0, 1] (a share of the input tokens)")
     seq_len = tc.seq_len or data.SEQ_LEN[tc.dataset]
     try:
         cfg.check_length(seq_len)
