@@ -517,7 +517,13 @@ def scores(params, train_stats, audio):
             'am': float(_kl(train_stats['mean_probs'], probs.mean(0)) + _entropy(probs).mean())}
 
 
-FLOOR_FRAME = 400  # noise_floor_drift: 25 ms frames at 16 kHz
+FLOOR_FRAME = 400  # 25 ms frames at 16 kHz (noise_floor_drift, lpc_bits, frame_nll)
+
+
+def frame_levels_db(x, frame=FLOOR_FRAME):
+    """Mean power of each whole frame of a clip, in dB (a 1e-10 floor)."""
+    x = np.asarray(x[:len(x) // frame * frame], np.float64).reshape(-1, frame)
+    return 10 * np.log10(np.mean(x**2, 1) + 1e-10)
 
 
 def noise_floor_drift(clips):
@@ -531,9 +537,7 @@ def noise_floor_drift(clips):
         n = len(clip) // FLOOR_FRAME
         if n < 4:
             return None
-        frames = np.asarray(clip[:n * FLOOR_FRAME], np.float64).reshape(n, FLOOR_FRAME)
-        level = 10 * np.log10(np.mean(frames**2, 1) + 1e-10)
-        quarters = np.array_split(level, 4)
+        quarters = np.array_split(frame_levels_db(clip[:n * FLOOR_FRAME]), 4)
         drifts.append(abs(np.percentile(quarters[-1], 10) - np.percentile(quarters[0], 10)))
     return float(np.median(drifts))
 
@@ -548,12 +552,18 @@ def split_nll_bits(nll, split, batch_size, put=np.asarray):
     return total / max(count, 1.0) / math.log(2)
 
 
+def load_run(path):
+    """(cfg, EMA params, meta, dataset) of a train.py checkpoint: the model and the data it was trained on."""
+    cfg, params, meta = checkpoint.load_model(path)
+    tc = meta['train']
+    return cfg, params, meta, data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
+
+
 def model_test_nll(path, dtype='float32'):
     """Test NLL (bits per sample) of a train.py checkpoint's EMA weights (the thesis evaluates and
     samples those) on the whole test split of the dataset it was trained on, in the compute dtype given."""
-    cfg, params, meta = checkpoint.load_model(path)
+    cfg, params, meta, ds = load_run(path)
     tc = meta['train']
-    ds = data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
     nll = jax.jit(lambda p, tokens, mask: pf.nll_sum(p, tokens, mask, cfg, dtype=dtype))
     return split_nll_bits(lambda tokens, mask: nll(params, tokens, mask), ds.test, tc['microbatch'] or tc['batch_size'])
 
@@ -588,7 +598,7 @@ def gaussian_token_bits(tokens, mean, sigma):
 def lpc_bits(tokens, order=LPC_ORDER, frame=FLOOR_FRAME):
     """Bits per token of a causal linear predictor of the decoded waveform: each 25 ms frame is
     predicted by a 16-tap predictor fitted (least squares) on the frame before it, with a Gaussian
-    residual of that fit's RMS integrated over the token's interval. NaN where no frame before has
+    residual (the standard deviation of that fit's residual) integrated over the token's interval. NaN where no frame before has
     a full history (the first two frames) and past the last whole frame."""
     x = data.mu_law_decode(tokens).astype(np.float64)
     bits = np.full(len(x), np.nan)
@@ -610,7 +620,7 @@ def frame_nll(model_bits, tokens, lengths, frame=FLOOR_FRAME):
         n = n // frame * frame
         if n < 3 * frame:  # no frame with a linear prediction
             continue
-        level = 10 * np.log10(np.mean(data.mu_law_decode(q[:n]).astype(np.float64).reshape(-1, frame) ** 2, 1) + 1e-10)
+        level = frame_levels_db(data.mu_law_decode(q[:n]), frame)
         floor, lpc = np.percentile(level, 10), lpc_bits(q[:n], frame=frame).reshape(-1, frame)
         for j in range(2, n // frame):
             kind = 'loud' if level[j] > floor + 15 else 'floor' if level[j] < floor + 3 else None
@@ -631,11 +641,9 @@ def nll_by_offset(bits, lengths, factor):
 
 def model_token_bits(path, clips):
     """(bits (N, L) of each token under a checkpoint's EMA weights, the first `clips` test clips, cfg)."""
-    cfg, params, meta = checkpoint.load_model(path)
-    tc = meta['train']
-    if meta['data']['encoding'] != 'mu-law':
-        raise SystemExit(f"error: {path}: frames needs mu-law audio, not {meta['data']['encoding']}")
-    ds = data.load(meta['data']['name'], tc['data_dir'], tc['size'], tc['seq_len'], tc['path'])
+    cfg, params, meta, ds = load_run(path)
+    if ds.encoding != 'mu-law':
+        raise SystemExit(f"error: {path}: frames needs mu-law audio, not {ds.encoding}")
     split = ds.test if clips is None else data.Split(ds.test.tokens[:clips], ds.test.lengths[:clips], ds.test.labels[:clips])
     logp = jax.jit(lambda p, x: jax.nn.log_softmax(pf.apply(p, x, cfg)))
     bits = [-np.take_along_axis(np.asarray(logp(params, jnp.asarray(split.tokens[i:i + 8], jnp.int32))),

@@ -475,6 +475,12 @@ def test_noise_floor_drift_measures_how_far_the_floor_moves_within_a_clip():
     assert metrics.noise_floor_drift([steady, noise(1599, -30)]) is None
 
 
+def test_mu_law_edges_are_where_the_encoder_moves_to_the_next_token():
+    edges = metrics.mu_law_edges()
+    assert edges[0] == -np.inf and edges[-1] == np.inf and edges[128] == 0
+    assert (data.mu_law_encode(edges[1:-1] + 1e-9) == np.arange(1, 256)).all()
+    assert (data.mu_law_encode(edges[1:-1] - 1e-9) == np.arange(0, 255)).all()
+
 
 def quantised_gaussian_entropy(sigma):
     """Entropy in bits of the mu-law token of N(0, sigma) amplitudes, from scipy's normal CDF on the

@@ -66,10 +66,10 @@ class TrainConfig:
     snapshot_minutes: float | None = None  # also keep OUT/at_<M>min.npz every M minutes of this run (quality curves)
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
-    train_clips: int | None = None  # a memorisation check: train and validate on N training clips only (memorisation_set)
+    train_clips: int | None = None  # a memorisation check: train and validate on N training clips only, the first of each digit in turn
     resume: bool = False  # continue from the newest readable checkpoint in --out
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
-    input_noise: float = 0.0  # not in the thesis: the share of input tokens moved by up to 8 levels (corrupt_inputs)
+    input_noise: float = 0.0  # not in the thesis: the share of input tokens moved by 1-8 levels (the targets stay clean)
     report_samples: int = 64  # spoken digits: clips sampled and scored (NLL, FID, IS, mIS, AM) at the end; 0: none
 
 
@@ -130,13 +130,15 @@ def compiler_options():
 
 def corrupt_inputs(tokens, key, p, vocab, width=8):
     """--input-noise p (an experiment, not in the thesis): each token the model reads is, with
-    probability p, moved by a uniform offset in [-width, width] levels (clipped to the vocabulary);
-    the targets stay clean. Trained on clean inputs only, the model never sees an input like its own
-    sampling errors, and a sample that leaves the data does not come back (README: Results)."""
-    k_hit, k_offset = jax.random.split(key)
-    hit = jax.random.bernoulli(k_hit, p, tokens.shape)
-    moved = jnp.clip(tokens + jax.random.randint(k_offset, tokens.shape, -width, width + 1), 0, vocab - 1)
-    return jnp.where(hit, moved, tokens)
+    probability p, moved by 1 to `width` levels up or down (clipped to the vocabulary); the targets
+    stay clean, so the logged training loss is the NLL given noisy inputs. Trained on clean inputs
+    only, the model never sees an input like its own sampling errors, and a sample that leaves the
+    data does not come back (README: Results)."""
+    k_hit, k_size, k_sign = jax.random.split(key, 3)
+    size = jax.random.randint(k_size, tokens.shape, 1, width + 1)
+    sign = 2 * jax.random.bernoulli(k_sign, 0.5, tokens.shape).astype(tokens.dtype) - 1
+    moved = jnp.clip(tokens + size * sign, 0, vocab - 1)
+    return jnp.where(jax.random.bernoulli(k_hit, p, tokens.shape), moved, tokens)
 
 
 def make_train_step(cfg, tc, mesh):
@@ -157,9 +159,10 @@ def make_train_step(cfg, tc, mesh):
         mask = jax.lax.with_sharding_constraint(rearrange(mask, "(m n) l -> n m l", n=n_micro), micro)
 
         def accumulate(carry, i):
-            k = jax.random.fold_in(key, i)
-            inputs = corrupt_inputs(tokens[i], jax.random.fold_in(k, 1), tc.input_noise, cfg.vocab) if tc.input_noise else None
-            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, k, tc.dtype, inputs)
+            noise_key = jax.random.fold_in(key, n_micro + i)  # apart from every dropout key (pf splits fold_in(key, i))
+            inputs = corrupt_inputs(tokens[i], noise_key, tc.input_noise, cfg.vocab) if tc.input_noise else None
+            (total, count), grads = grad_fn(state["params"], tokens[i], mask[i], cfg, jax.random.fold_in(key, i),
+                                            tc.dtype, inputs)
             return jax.tree.map(jnp.add, carry, (total, count, grads)), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
@@ -408,6 +411,9 @@ def main(argv=None):
         if tc.resume:
             say(f"no checkpoint in {tc.out}: starting from scratch")
         state, meta = jax.jit(lambda: init_state(cfg, tc))(), {"best_val": None}
+    elif meta.get("train", {}).get("train_clips") != tc.train_clips:  # another validation split: best_val would mislead
+        raise SystemExit(f"error: {tc.out} was trained with --train-clips {meta.get('train', {}).get('train_clips')}, "
+                         f"not {tc.train_clips}: resume with the same value, or use another --out")
     else:
         say(f"resumed from step {int(state['step'])}")
     state = jax.device_put(state, NamedSharding(mesh, P()))
