@@ -275,6 +275,10 @@ class Split:
     def __len__(self):
         return len(self.tokens)
 
+    def take(self, rows):
+        """The split's rows `rows` (an index array or a slice), as a Split."""
+        return Split(self.tokens[rows], self.lengths[rows], self.labels[rows])
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:

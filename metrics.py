@@ -598,8 +598,8 @@ def gaussian_token_bits(tokens, mean, sigma):
 def lpc_bits(tokens, order=LPC_ORDER, frame=FLOOR_FRAME):
     """Bits per token of a causal linear predictor of the decoded waveform: each 25 ms frame is
     predicted by a 16-tap predictor fitted (least squares) on the frame before it, with a Gaussian
-    residual (the standard deviation of that fit's residual) integrated over the token's interval. NaN where no frame before has
-    a full history (the first two frames) and past the last whole frame."""
+    residual (the standard deviation of that fit's residual) integrated over the token's interval.
+    NaN where no frame before has a full history (the first two frames) and past the last whole frame."""
     x = data.mu_law_decode(tokens).astype(np.float64)
     bits = np.full(len(x), np.nan)
     lags = lambda s, n: np.stack([x[s - j - 1:s - j - 1 + n] for j in range(order)], 1)  # x[t-1..t-order]
@@ -644,7 +644,7 @@ def model_token_bits(path, clips):
     cfg, params, meta, ds = load_run(path)
     if ds.encoding != 'mu-law':
         raise SystemExit(f"error: {path}: frames needs mu-law audio, not {ds.encoding}")
-    split = ds.test if clips is None else data.Split(ds.test.tokens[:clips], ds.test.lengths[:clips], ds.test.labels[:clips])
+    split = ds.test if clips is None else ds.test.take(slice(clips))
     logp = jax.jit(lambda p, x: jax.nn.log_softmax(pf.apply(p, x, cfg)))
     bits = [-np.take_along_axis(np.asarray(logp(params, jnp.asarray(split.tokens[i:i + 8], jnp.int32))),
                                 split.tokens[i:i + 8, :, None].astype(np.int64), -1)[..., 0] / math.log(2)

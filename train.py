@@ -66,7 +66,7 @@ class TrainConfig:
     snapshot_minutes: float | None = None  # also keep OUT/at_<M>min.npz every M minutes of this run (quality curves)
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and at the end
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
-    train_clips: int | None = None  # a memorisation check: train and validate on N training clips only, the first of each digit in turn
+    train_clips: int | None = None  # a memorisation check: train and validate on N clips (the first of each digit in turn)
     resume: bool = False  # continue from the newest readable checkpoint in --out
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
     input_noise: float = 0.0  # not in the thesis: the share of input tokens moved by 1-8 levels (the targets stay clean)
@@ -238,7 +238,7 @@ def train_batches(split, tc, start_step):
 
 
 def subset(split, n):
-    return split if n is None else data.Split(split.tokens[:n], split.lengths[:n], split.labels[:n])
+    return split if n is None else split.take(slice(n))
 
 
 def memorisation_rows(labels, n):
@@ -258,10 +258,7 @@ def memorisation_set(ds, n):
     if not 1 <= n <= len(ds.train):
         raise SystemExit(f"error: --train-clips {n}: the training split has {len(ds.train)} clips")
     rows = memorisation_rows(ds.train.labels, n)
-    chosen = data.Split(ds.train.tokens[rows], ds.train.lengths[rows], ds.train.labels[rows])
-    repeated = np.resize(rows, len(ds.train))
-    return dataclasses.replace(ds, validation=chosen, train=data.Split(
-        ds.train.tokens[repeated], ds.train.lengths[repeated], ds.train.labels[repeated]))
+    return dataclasses.replace(ds, validation=ds.train.take(rows), train=ds.train.take(np.resize(rows, len(ds.train))))
 
 
 # ---------------------------------------------------------------- checkpoints (checkpoint.py)
