@@ -9,9 +9,14 @@ Every part runs in a fresh subprocess (`--part NAME`), so its peak memory (max R
 Prints a table and writes bench.json. Model FLOPs are counted from the architecture (count_flops):
 2 x multiply-adds of every dense, gate and pooling matmul and the head, per token at each level's
 rate; a training step is 3x the forward (forward + backward); the recomputation of rematerialised
-ResBlocks and elementwise work (the scan, norms, activations) are not counted. test_bench.py checks
+ResBlocks, elementwise work (the scan, norms, activations) and the zeros of the RG-LRU gates' dense
+matmul (pf.block_diagonal: the model's FLOPs are its 32 blocks') are not counted. test_bench.py checks
 the count against the matmuls JAX traces. MFU = counted FLOPs per second / the matmul peak (part
 `matmul`, a 2048^3 float32 matmul).
+
+Where the time goes: `python bench.py --part train ... --profile [--profile-dir DIR]` runs one step of
+each variant under jax.profiler.trace and sums its kernels' device time by level, block, pass and
+line of pf.py (profile_step); DIR keeps the first variant's trace, kernel list and compiled program.
 
 The training steps behind the ratios (VARIANTS) are compiled in one process and timed in alternation,
 5 rounds, medians (a slow spell of this shared machine hits them alike):
@@ -35,6 +40,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -54,17 +60,19 @@ VARIANTS = {"baseline": {}, "no_pooling": {"model": NO_POOLING}, "fixes_off": {"
 BF16 = {"dtype": "bfloat16"}
 DEVICE_CORE = {"bf16": BF16, "f32": {}, "no_pooling_bf16": {**BF16, "model": NO_POOLING},
                "no_pooling_f32": {"model": NO_POOLING}}
-# "tuning": against core's bf16 (pf.scan_chunk(): the plain associative scan on an accelerator), the
-# blocked scan at 64 and the "dots" remat policy; part `scan` sweeps chunks 16, 64, 256 on the scan alone
-# (five full training steps compiling at once outran 7 minutes on an H100).
-DEVICE_TUNING = {"chunk_64": {**BF16, "chunk": 64}, "remat_dots": {**BF16, "remat": "dots"}}
+# "tuning": against core's bf16, the RG-LRU gates as 32 batched block matmuls (the form before
+# pf.block_diagonal's one dense matmul: 366 against 281 ms on an H200) and the "dots" remat policy. The
+# blocked scan's chunks are swept on the scan alone (part `scan`): training steps with 16- or 256-step
+# chunks did not finish compiling in 330 s on an H200 (four at once), and on the scan alone there the
+# plain associative scan (pf.scan_chunk() on accelerators) is fastest: 7.4 ms against 11.1-11.7.
+DEVICE_TUNING = {"gates_einsum": {**BF16, "gates": "einsum"}, "remat_dots": {**BF16, "remat": "dots"}}
 # "memory" (not in the default --groups): no remat at all fits once the batch is accumulated in 4
 # microbatches of 8 rows (147 GiB / 4: 37 GiB); micro8 keeps the remat, so the pair separates what the
 # loop costs from what the remat costs. On an H100 the no-remat one measured 890 ms against 498 ms for the
 # whole-batch remat step (both with 64-step scan blocks): together, the loop and no remat are 1.8x slower.
 DEVICE_MEMORY = {"micro8": {**BF16, "microbatch": 8}, "micro8_no_remat": {**BF16, "microbatch": 8, "remat": "none"}}
 DEVICE_GROUPS = {"core": DEVICE_CORE, "tuning": DEVICE_TUNING, "memory": DEVICE_MEMORY}
-QUICK = {"core": ("bf16", "f32"), "tuning": ("remat_dots",),  # on a CPU chunk_64 is core's bf16
+QUICK = {"core": ("bf16", "f32"), "tuning": ("remat_dots",),  # fewer compiles
          "memory": ("micro8", "micro8_no_remat")}  # --device --quick (the CPU test): fewer compiles
 THESIS_TOKENS_PER_S = 31158 * 16000 * 11.45 / 3600  # thesis Table 4.2: 11.45 epochs/hour on a TPU v3-128 pod
 TINY = {"pooling": (2,), "layers": (1, 1), "d_model": 32, "d_rnn": 64}  # --device --quick: the CPU test (one level: fewer compiles)
@@ -113,6 +121,102 @@ def timed(fn, *args, repeats=3, options=None):
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     return compile_s, float(np.median(times))
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def hlo_sources(hlo_text):
+    """{instruction name: (op_name, "function:line")} from a compiled program's text: the metadata XLA
+    keeps for every instruction (a fusion carries its root's). The line is the innermost frame in pf.py
+    (else the innermost frame XLA kept), so each kernel of a profile can be traced to the model's code."""
+    def section(title):
+        m = re.search(rf"^{title}\n(.*?)(?:\n\n|\Z)", hlo_text, re.S | re.M)
+        return m.group(1).splitlines() if m else []
+
+    files = dict(re.findall(r'^(\d+) "(.*)"$', "\n".join(section("FileNames")), re.M))
+    functions = dict(re.findall(r'^(\d+) "(.*)"$', "\n".join(section("FunctionNames")), re.M))
+    locations = {i: (files.get(f, "?"), functions.get(fn, "?"), int(line)) for i, f, fn, line in
+                 re.findall(r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", "\n".join(section("FileLocations")), re.M)}
+    frames = {i: (loc, parent) for i, loc, parent in
+              re.findall(r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)", "\n".join(section("StackFrames")), re.M)}
+
+    def where(frame):
+        seen, first = set(), None
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            file, function, line = locations.get(frames[frame][0], ("?", "?", 0))
+            first = first or f"{function}:{line}"
+            if os.path.basename(file) == "pf.py":
+                return f"{function}:{line}"
+            frame = frames[frame][1]
+        return first or "?"
+
+    out = {}
+    for name, meta in re.findall(r"^\s*(?:ROOT )?%(\S+) = [^\n]*?metadata=\{([^}\n]*)\}", hlo_text, re.M):
+        op = re.search(r'op_name="([^"]*)"', meta)
+        frame = re.search(r"stack_frame_id=(\d+)", meta)
+        out[name] = (op.group(1) if op else "", where(frame.group(1)) if frame else "?")
+    return out
+
+
+def kernel_times(profile):
+    """[(HLO instruction or kernel name, nanoseconds)] of every kernel in a jax.profiler trace: the
+    device planes' stream lines on a GPU, else (a CPU) the host's events that name an HLO op."""
+    device = [p for p in profile.planes if p.name.startswith("/device:")]
+    out = []
+    for plane in device or [p for p in profile.planes if p.name.startswith("/host:CPU")]:
+        lines = [l for l in plane.lines if l.name.startswith("Stream")] or list(plane.lines)
+        for line in lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                if device or "hlo_op" in stats:
+                    out.append((str(stats.get("hlo_op") or ev.name), float(ev.duration_ns)))
+    return out
+
+
+def profile_step(step, args, hlo_text, top=25, keep_dir=None):
+    """Run a compiled step once under jax.profiler.trace; sum its kernels' device time by level
+    ("level<k>" scopes), block ("temporal"/"mlp"), pass (forward, or "bwd": the transpose of the
+    forward; the remat's recomputation counts as forward) and source line of pf.py. busy_ms over
+    wall_ms says how much of the step the device spends computing (the rest: launches and gaps)."""
+    import glob
+    import jax
+    from jax.profiler import ProfileData
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+            start = time.perf_counter()
+            jax.block_until_ready(step(*args))
+            wall = time.perf_counter() - start
+        path = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)[0]
+        kernels = kernel_times(ProfileData.from_file(path))
+        if keep_dir:
+            import shutil
+            shutil.copy(path, os.path.join(keep_dir, "step.xplane.pb"))
+    sources = hlo_sources(hlo_text)
+    by_norm = {k.replace(".", "_").replace("-", "_"): k for k in sources}
+    sums = {"level": {}, "block": {}, "pass": {}, "source": {}}
+    rows = []
+    for name, ns in kernels:
+        op, line = sources.get(name) or sources.get(by_norm.get(name.replace(".", "_").replace("-", "_"), ""), ("", "?"))
+        levels = re.findall(r"level(\d+)", op)
+        block = next((b for b in ("temporal", "mlp") if f"/{b}/" in op or op.endswith(f"/{b}")), "other")
+        keys = {"level": f"level{levels[-1]}" if levels else "other", "block": block,
+                "pass": "bwd" if "transpose(" in op else "fwd"}
+        keys["source"] = f"{line} {keys['pass']}" if op else f"(library) {name[:40]}"
+        for k, v in keys.items():
+            sums[k][v] = sums[k].get(v, 0.0) + ns / 1e6
+        rows.append((name, ns, op, line))
+    if keep_dir:
+        import gzip
+        with gzip.open(os.path.join(keep_dir, "kernels.tsv.gz"), "wt") as f:
+            f.writelines(f"{n}\t{ns:.0f}\t{line}\t{op}\n" for n, ns, op, line in rows)
+        with gzip.open(os.path.join(keep_dir, "step.hlo.txt.gz"), "wt") as f:
+            f.write(hlo_text)
+    order = lambda d, n=None: dict(sorted(((k, round(v, 3)) for k, v in d.items()), key=lambda kv: -kv[1])[:n])
+    return {"wall_ms": 1000 * wall, "busy_ms": sum(ns for _, ns in kernels) / 1e6, "kernels": len(kernels),
+            "attributed": sum(1 for n, _, op, _ in rows if op) / max(len(rows), 1),
+            **{f"by_{k}": order(v, top if k == "source" else None) for k, v in sums.items()}}
 
 
 # ---------------------------------------------------------------- parts (each in its own process)
@@ -165,6 +269,16 @@ def patches():
             setattr(obj, name, value)
 
 
+def block_diagonal_einsum(p, x):
+    """The RG-LRU gates as pf computed them before: 32 small matmuls in one einsum (slower than
+    pf.block_diagonal's one dense matmul, see there; the same values)."""
+    import jax.numpy as jnp
+    from einops import rearrange
+    x = rearrange(x, "... (h i) -> ... h i", h=p["w"].shape[0])  # (..., 32, n_in/32)
+    y = jnp.einsum("...hi,hio->...ho", x, p["w"])  # (..., 32, n_out/32)
+    return rearrange(y, "... h o -> ... (h o)") + p["b"]
+
+
 REMAT_POLICIES = {"input": None, "dots": "dots_with_no_batch_dims_saveable"}  # "none": pf.REMAT = False
 
 
@@ -172,7 +286,8 @@ def part_train(a):
     """Training steps (batch a.batch x a.seq_len), one per variant in a.variants, each compiled under
     its own patches, then timed in alternation (round r times every variant once), so slow spells
     of this shared machine hit them alike and their ratios hold. Variant keys: model (Config
-    changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), remat
+    changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), gates
+    ("einsum": the RG-LRU's block-diagonal gates as batched block matmuls, block_diagonal_einsum), remat
     (a REMAT_POLICIES key, or "none": no remat), microbatch (rows per microbatch), before (CPU fixes
     off), matmul_only (strip_to_matmuls). A variant that
     fails to compile or run (out of memory, say) reports its error and the others go on. Each variant
@@ -200,6 +315,8 @@ def part_train(a):
                     set_attr(train, "compiler_options", lambda: None)
                 if v.get("chunk"):
                     set_attr(pf, "SCAN_CHUNK", v["chunk"])
+                if v.get("gates") == "einsum":  # the RG-LRU gates as 32 batched block matmuls (before)
+                    set_attr(pf, "block_diagonal", block_diagonal_einsum)
                 if v.get("remat") == "none":
                     set_attr(pf, "REMAT", False)
                 if REMAT_POLICIES.get(v.get("remat")):
@@ -209,7 +326,8 @@ def part_train(a):
                 state = jax.jit(lambda: train.init_state(cfg, tc))()
                 start = time.perf_counter()
                 run["lowered"] = train.make_train_step(cfg, tc, mesh).lower(state, tokens, mask, np.float32(1))
-                run.update(cfg=cfg, state=state, trace_s=time.perf_counter() - start)
+                run.update(cfg=cfg, state=state, trace_s=time.perf_counter() - start,
+                           params=pf.count_params(state["params"]))
         except Exception as e:  # noqa: BLE001 -- report it, time the rest
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
@@ -221,6 +339,7 @@ def part_train(a):
         except Exception as e:  # noqa: BLE001
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         run["compile_s"] = time.perf_counter() - start
+        print(f"compiled {json.dumps(run['variant'])} in {run['compile_s']:.0f} s", file=sys.stderr, flush=True)
 
     with ThreadPoolExecutor(min(4, len(runs))) as pool:  # more at once slowed an H100 host's compiles
         list(pool.map(compile_one, [run for run in runs if "lowered" in run]))
@@ -242,6 +361,17 @@ def part_train(a):
                 run["state"], m = run["step"](run["state"], tokens, mask, np.float32(1))
                 jax.block_until_ready(m)
                 run["times"].append(time.perf_counter() - start)
+    for run in runs:
+        if run["times"]:
+            print(f"{json.dumps(run['variant'])}: {1000 * np.median(run['times']):.1f} ms/step", file=sys.stderr, flush=True)
+    if a.profile:  # last: the step donates the state it is given
+        for i, run in enumerate(runs):
+            if "step" in run:
+                keep = a.profile_dir if a.profile_dir and i == 0 else None
+                if keep:
+                    os.makedirs(keep, exist_ok=True)
+                run["profile"] = profile_step(run["step"], (run["state"], tokens, mask, np.float32(1)),
+                                              run["step"].as_text(), keep_dir=keep)
     n_tokens, out = a.batch * a.seq_len, []
     for run in runs:
         if "step" not in run:
@@ -252,7 +382,7 @@ def part_train(a):
                     "trace_s": run["trace_s"], "compile_s": run["compile_s"], "memory_gib": run["memory_gib"],
                     "loss_bits": run["loss_bits"], "hbm_gb_per_step": run["hbm_gb"],
                     "model_gflops_per_step": 3 * count_flops(run["cfg"]) * n_tokens / 1e9,
-                    "params": pf.count_params(run["state"]["params"])})
+                    "params": run["params"], **({"profile": run["profile"]} if "profile" in run else {})})
     out[0]["peak_mem_gib"] = peak_gib()  # of the whole process: the first variant's alone if it is the only one
     out[0]["device_peak_gib"] = device_peak_gib()
     return out
@@ -399,7 +529,7 @@ def main(argv=None):
                    "float32 and bfloat16, scan chunk and remat sweep, pooling speedup, sampler")
     p.add_argument("--budget", type=float, default=480, help="--device: seconds for all parts together")
     p.add_argument("--groups", default="core,tuning", help="--device: the groups of training steps "
-                   "to time, comma-separated (core: the issue's table; tuning: scan chunks and remat; memory: "
+                   "to time, comma-separated (core: the issue's table; tuning: the gates' old form and remat; memory: "
                    "no remat over microbatches)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="--part matmul, block, sampler: the compute dtype")
@@ -413,6 +543,10 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=16000, help="--part: tokens per row")
     p.add_argument("--repeats", type=int, default=2, help="--part: timed repeats (the median is reported)")
     p.add_argument("--variants", default="[{}]", help="--part train: JSON list, see part_train")
+    p.add_argument("--profile", action="store_true", help="--part train, --device: profile one step of each "
+                   "variant (device time by level, block, pass and line of pf.py; see profile_step)")
+    p.add_argument("--profile-dir", help="--profile: keep the first variant's trace, kernel list and compiled "
+                   "program here")
     a = p.parse_args(argv)
     for flag, text in (("--model", a.model), ("--variants", a.variants)):
         try:
@@ -429,6 +563,11 @@ def main(argv=None):
                 pf.Config(**v.get("model", {})).check_length(a.seq_len)
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid Config fields, bad numbers
         raise SystemExit(f"error: {e}")
+    if a.profile and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        # A GPU runs the step's kernels as CUDA graphs ("command buffers"), which a trace shows as one
+        # event each: off, every kernel is seen and attributed (read when jax starts its backend, after
+        # this). The step is a little slower so: 288 against 281 ms on an H200, in two runs.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     if a.part:
         print(json.dumps(PARTS[a.part](a)))
         return 0

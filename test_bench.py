@@ -39,10 +39,13 @@ def inner_jaxprs(eqn):
     {"pooling": (4, 2), "layers": (1, 2, 3), "d_model": 32, "d_rnn": 64, "groups": 4, "gated": False},
     {"pooling": (2,), "layers": (1, 1), "d_model": 16, "d_rnn": 64, "complex_rnn": False, "placement": "after"},
 ])
-def test_count_flops_equals_the_traced_matmuls_of_the_forward(changes):
+def test_count_flops_equals_the_traced_matmuls_of_the_forward(changes, monkeypatch):
+    """Model FLOPs count the RG-LRU gates' 32 blocks, not the zeros pf.block_diagonal's dense matmul
+    also multiplies: traced here with the gates as block matmuls (bench.block_diagonal_einsum)."""
     cfg = pf.Config(**changes)
     seq_len = 2 * cfg.total_pooling
     params = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    monkeypatch.setattr(pf, "block_diagonal", bench.block_diagonal_einsum)
     jaxpr = jax.make_jaxpr(lambda p, x: pf.apply(p, x, cfg))(params, jnp.zeros((1, seq_len), jnp.int32))
     assert bench.count_flops(cfg) * seq_len == traced_matmul_flops(jaxpr.jaxpr)
 
@@ -64,12 +67,30 @@ def test_matmul_only_ceiling_keeps_every_matmul_and_no_elementwise_math(monkeypa
         return jax.make_jaxpr(fn)(params, jnp.zeros((1, seq_len), jnp.int32), jax.random.key(1)).jaxpr
 
     math_ops = {"exp", "logistic", "tanh", "erf", "rsqrt", "sqrt", "log", "log1p", "random_bits", "threefry2x32"}
-    assert math_ops & primitives(trace(cfg))  # the real model has them (so this test can fail)
+    model = trace(cfg)
+    assert math_ops & primitives(model)  # the real model has them (so this test can fail)
     stripped = bench.strip_to_matmuls(pf, cfg, monkeypatch.setattr)
     assert stripped.dropout == 0.0
     jaxpr = trace(stripped)
     assert not math_ops & primitives(jaxpr)
-    assert traced_matmul_flops(jaxpr) == bench.count_flops(cfg) * seq_len
+    assert traced_matmul_flops(jaxpr) == traced_matmul_flops(model) > bench.count_flops(cfg) * seq_len  # dense gates
+
+
+def test_block_diagonal_gates_as_one_dense_matmul_equal_the_block_matmuls():
+    """pf.block_diagonal (one matmul, zeros off the blocks) against NumPy block by block, values and
+    the gradient of the weights; bench's "einsum" variant (the old form) gives the same values."""
+    rng = np.random.default_rng(0)
+    p = {"w": rng.normal(size=(32, 4, 2)).astype(np.float32), "b": rng.normal(size=64).astype(np.float32)}
+    x, g = rng.normal(size=(3, 5, 128)).astype(np.float32), rng.normal(size=(3, 5, 64)).astype(np.float32)
+    blocks_x, blocks_g = x.reshape(3, 5, 32, 4), g.reshape(3, 5, 32, 2)
+    expected = np.einsum("sbhi,hio->sbho", blocks_x, p["w"]).reshape(3, 5, 64) + p["b"]
+    expected_dw = np.einsum("sbhi,sbho->hio", blocks_x, blocks_g)
+    p = jax.tree.map(jnp.asarray, p)
+    got = pf.block_diagonal(p, jnp.asarray(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bench.block_diagonal_einsum(p, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+    dw = jax.grad(lambda w: jnp.sum(pf.block_diagonal({**p, "w": w}, jnp.asarray(x)) * g))(p["w"])
+    np.testing.assert_allclose(dw, expected_dw, rtol=1e-4, atol=1e-4)
 
 
 def test_device_benchmark_runs_at_small_sizes_and_its_figures_agree(tmp_path):
@@ -113,3 +134,37 @@ def test_device_benchmark_runs_at_small_sizes_and_its_figures_agree(tmp_path):
     for b in (16, 256):
         assert r[f"sampler_{b}"]["sample_batch"] == b and r[f"sampler_{b}"]["sampler_tokens_per_s"] > 0
     assert r["device"]["platform"] == "cpu" and "step" in proc.stdout
+
+
+def test_hlo_sources_trace_a_compiled_instruction_to_its_scope_and_line():
+    def body(x):
+        with jax.named_scope("level7"):
+            return jnp.sin(x) * 3.0  # the line hlo_sources must name
+
+    line = body.__code__.co_firstlineno + 2
+    text = jax.jit(body).lower(jnp.ones(4)).compile().as_text()
+    found = {(op, where) for op, where in bench.hlo_sources(text).values() if op.endswith("/sin") or "/mul" in op}
+    assert found and all(where == f"test_hlo_sources_trace_a_compiled_instruction_to_its_scope_and_line."
+                         f"<locals>.body:{line}" and "/level7/" in op for op, where in found), found
+
+
+def test_profile_of_a_training_step_splits_its_time_by_level_block_and_pass():
+    """bench.py --profile on the CPU: one step of a two-level model, its kernels' time summed by the
+    model's named scopes. Every split sums to the whole; both levels, both blocks and the backward
+    pass show up, and the scan is among the temporal block's lines."""
+    import train
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64, dropout=0.0)
+    tc = train.TrainConfig(batch_size=2)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = jax.device_put(jax.jit(lambda: train.init_state(cfg, tc))(), NamedSharding(mesh, P()))
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 64), dtype=np.uint8)
+    args = (state, tokens, np.ones_like(tokens, bool), np.float32(1))
+    step = train.make_train_step(cfg, tc, mesh).lower(*args).compile()
+    prof = bench.profile_step(step, args, step.as_text(), top=1000)
+    assert prof["kernels"] > 0 and prof["busy_ms"] > 0 and prof["attributed"] > 0.5
+    for split in ("by_level", "by_block", "by_pass", "by_source"):
+        assert sum(prof[split].values()) == pytest.approx(prof["busy_ms"], rel=1e-3, abs=0.01), split
+    assert {"level0", "level1"} <= set(prof["by_level"]) and {"temporal", "mlp"} <= set(prof["by_block"])
+    assert prof["by_pass"].get("bwd", 0) > 0
+    assert any(k.startswith("scan_associative:") for k in prof["by_source"]), list(prof["by_source"])[:10]
