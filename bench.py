@@ -72,7 +72,7 @@ DEVICE_TUNING = {"gates_einsum": {**BF16, "gates": "einsum"}, "remat_dots": {**B
 # whole-batch remat step (both with 64-step scan blocks): together, the loop and no remat are 1.8x slower.
 DEVICE_MEMORY = {"micro8": {**BF16, "microbatch": 8}, "micro8_no_remat": {**BF16, "microbatch": 8, "remat": "none"}}
 DEVICE_GROUPS = {"core": DEVICE_CORE, "tuning": DEVICE_TUNING, "memory": DEVICE_MEMORY}
-QUICK = {"core": ("bf16", "f32"), "tuning": ("remat_dots",),  # fewer compiles
+QUICK = {"core": ("bf16", "f32"), "tuning": ("remat_dots",),
          "memory": ("micro8", "micro8_no_remat")}  # --device --quick (the CPU test): fewer compiles
 THESIS_TOKENS_PER_S = 31158 * 16000 * 11.45 / 3600  # thesis Table 4.2: 11.45 epochs/hour on a TPU v3-128 pod
 TINY = {"pooling": (2,), "layers": (1, 1), "d_model": 32, "d_rnn": 64}  # --device --quick: the CPU test (one level: fewer compiles)
@@ -128,58 +128,50 @@ def timed(fn, *args, repeats=3, options=None):
 
 def hlo_sources(hlo_text):
     """{instruction name: (op_name, "function:line")} from a compiled program's text: the metadata XLA
-    keeps for every instruction (a fusion carries its root's). The line is the innermost frame in pf.py
-    (else the innermost frame XLA kept), so each kernel of a profile can be traced to the model's code."""
-    def section(title):
+    keeps for every instruction (a fusion carries its root's), with the innermost stack frame it kept
+    (JAX keeps the user's frames: for the model's ops a line of pf.py), so each kernel of a profile
+    can be traced to the model's code."""
+    def table(title, pattern):
         m = re.search(rf"^{title}\n(.*?)(?:\n\n|\Z)", hlo_text, re.S | re.M)
-        return m.group(1).splitlines() if m else []
+        return re.findall(pattern, m.group(1), re.M) if m else []
 
-    files = dict(re.findall(r'^(\d+) "(.*)"$', "\n".join(section("FileNames")), re.M))
-    functions = dict(re.findall(r'^(\d+) "(.*)"$', "\n".join(section("FunctionNames")), re.M))
-    locations = {i: (files.get(f, "?"), functions.get(fn, "?"), int(line)) for i, f, fn, line in
-                 re.findall(r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", "\n".join(section("FileLocations")), re.M)}
-    frames = {i: (loc, parent) for i, loc, parent in
-              re.findall(r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)", "\n".join(section("StackFrames")), re.M)}
-
-    def where(frame):
-        seen, first = set(), None
-        while frame in frames and frame not in seen:
-            seen.add(frame)
-            file, function, line = locations.get(frames[frame][0], ("?", "?", 0))
-            first = first or f"{function}:{line}"
-            if os.path.basename(file) == "pf.py":
-                return f"{function}:{line}"
-            frame = frames[frame][1]
-        return first or "?"
-
+    functions = dict(table("FunctionNames", r'^(\d+) "(.*)"$'))
+    lines = {i: f"{functions.get(fn, '?')}:{line}"
+             for i, fn, line in table("FileLocations", r"^(\d+) \{file_name_id=\d+ function_name_id=(\d+) line=(\d+)")}
+    frames = dict(table("StackFrames", r"^(\d+) \{file_location_id=(\d+)"))
     out = {}
     for name, meta in re.findall(r"^\s*(?:ROOT )?%(\S+) = [^\n]*?metadata=\{([^}\n]*)\}", hlo_text, re.M):
         op = re.search(r'op_name="([^"]*)"', meta)
         frame = re.search(r"stack_frame_id=(\d+)", meta)
-        out[name] = (op.group(1) if op else "", where(frame.group(1)) if frame else "?")
+        out[name] = (op.group(1) if op else "", lines.get(frames.get(frame.group(1)), "?") if frame else "?")
     return out
 
 
 def kernel_times(profile):
     """[(HLO instruction or kernel name, nanoseconds)] of every kernel in a jax.profiler trace: the
-    device planes' stream lines on a GPU, else (a CPU) the host's events that name an HLO op."""
+    device planes' stream lines on a GPU, else (a CPU) the host's events that name an HLO op. Only
+    leaf events count: a CPU's while loop is an event spanning its body's (on a GPU's streams no two
+    kernels overlap). On a CPU several threads run at once, so the sum can exceed the wall time."""
     device = [p for p in profile.planes if p.name.startswith("/device:")]
     out = []
     for plane in device or [p for p in profile.planes if p.name.startswith("/host:CPU")]:
         lines = [l for l in plane.lines if l.name.startswith("Stream")] or list(plane.lines)
         for line in lines:
-            for ev in line.events:
-                stats = dict(ev.stats)
-                if device or "hlo_op" in stats:
-                    out.append((str(stats.get("hlo_op") or ev.name), float(ev.duration_ns)))
+            events = sorted(((float(ev.start_ns), float(ev.duration_ns), ev.name, dict(ev.stats).get("hlo_op"))
+                             for ev in line.events), key=lambda e: (e[0], -e[1]))
+            events = [e for e in events if device or e[3]]
+            for (start, ns, name, op), after in zip(events, events[1:] + [None]):
+                if after is None or after[0] >= start + ns:  # no event begins inside this one
+                    out.append((str(op or name), ns))
     return out
 
 
 def profile_step(step, args, hlo_text, top=25, keep_dir=None):
     """Run a compiled step once under jax.profiler.trace; sum its kernels' device time by level
-    ("level<k>" scopes), block ("temporal"/"mlp"), pass (forward, or "bwd": the transpose of the
-    forward; the remat's recomputation counts as forward) and source line of pf.py. busy_ms over
-    wall_ms says how much of the step the device spends computing (the rest: launches and gaps)."""
+    ("level<k>" scopes), block ("temporal"/"mlp"), pass ("fwd"; "recompute": the remat's forward
+    again inside the backward pass; "bwd": the rest of the backward pass) and source line of pf.py.
+    On a GPU, busy_ms over wall_ms says how much of the step the device spends computing (the rest:
+    launches and gaps)."""
     import glob
     import jax
     from jax.profiler import ProfileData
@@ -202,8 +194,8 @@ def profile_step(step, args, hlo_text, top=25, keep_dir=None):
         levels = re.findall(r"level(\d+)", op)
         block = next((b for b in ("temporal", "mlp") if f"/{b}/" in op or op.endswith(f"/{b}")), "other")
         keys = {"level": f"level{levels[-1]}" if levels else "other", "block": block,
-                "pass": "bwd" if "transpose(" in op else "fwd"}
-        keys["source"] = f"{line} {keys['pass']}" if op else f"(library) {name[:40]}"
+                "pass": "recompute" if "rematted_computation" in op else "bwd" if "transpose(" in op else "fwd"}
+        keys["source"] = f"{line} {keys['pass']}" if op else f"(no metadata) {name[:40]}"
         for k, v in keys.items():
             sums[k][v] = sums[k].get(v, 0.0) + ns / 1e6
         rows.append((name, ns, op, line))
@@ -280,6 +272,17 @@ def block_diagonal_einsum(p, x):
 
 
 REMAT_POLICIES = {"input": None, "dots": "dots_with_no_batch_dims_saveable"}  # "none": pf.REMAT = False
+
+
+def check_variant(v):
+    """A ValueError for a part_train variant with an unknown key or value (a typo would time the default)."""
+    allowed = {"model": None, "dtype": ("float32", "bfloat16"), "chunk": None, "gates": ("einsum",),
+               "remat": (*REMAT_POLICIES, "none"), "microbatch": None, "before": (True, False),
+               "matmul_only": (True, False)}
+    for k, value in v.items():
+        if k not in allowed or (allowed[k] and value not in allowed[k]):
+            raise ValueError(f"variant {json.dumps(v)}: {k}={json.dumps(value)} is not known; the keys (and "
+                             f"values): {', '.join(f'{n} {c}' if c else n for n, c in allowed.items())}")
 
 
 def part_train(a):
@@ -365,13 +368,16 @@ def part_train(a):
         if run["times"]:
             print(f"{json.dumps(run['variant'])}: {1000 * np.median(run['times']):.1f} ms/step", file=sys.stderr, flush=True)
     if a.profile:  # last: the step donates the state it is given
-        for i, run in enumerate(runs):
-            if "step" in run:
-                keep = a.profile_dir if a.profile_dir and i == 0 else None
+        keep = a.profile_dir  # for the first variant that runs
+        for run in (run for run in runs if "step" in run):
+            try:
                 if keep:
                     os.makedirs(keep, exist_ok=True)
                 run["profile"] = profile_step(run["step"], (run["state"], tokens, mask, np.float32(1)),
                                               run["step"].as_text(), keep_dir=keep)
+            except Exception as e:  # noqa: BLE001 -- keep the timings
+                run["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            keep = None
     n_tokens, out = a.batch * a.seq_len, []
     for run in runs:
         if "step" not in run:
@@ -543,8 +549,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=16000, help="--part: tokens per row")
     p.add_argument("--repeats", type=int, default=2, help="--part: timed repeats (the median is reported)")
     p.add_argument("--variants", default="[{}]", help="--part train: JSON list, see part_train")
-    p.add_argument("--profile", action="store_true", help="--part train, --device: profile one step of each "
-                   "variant (device time by level, block, pass and line of pf.py; see profile_step)")
+    p.add_argument("--profile", action="store_true", help="--part train: profile one step of each variant "
+                   "(device time by level, block, pass and line of pf.py; see profile_step); on a GPU the run's "
+                   "timings are then taken with XLA's command buffers off")
     p.add_argument("--profile-dir", help="--profile: keep the first variant's trace, kernel list and compiled "
                    "program here")
     a = p.parse_args(argv)
@@ -561,6 +568,9 @@ def main(argv=None):
         if a.part == "train":  # the step's models must fit the sequence (the other parts run any length)
             for v in json.loads(a.variants):
                 pf.Config(**v.get("model", {})).check_length(a.seq_len)
+                check_variant(v)
+        if (a.profile and a.part != "train") or (a.profile_dir and not a.profile):
+            raise ValueError("--profile works with --part train, and --profile-dir with --profile")
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid Config fields, bad numbers
         raise SystemExit(f"error: {e}")
     if a.profile and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):

@@ -166,5 +166,32 @@ def test_profile_of_a_training_step_splits_its_time_by_level_block_and_pass():
     for split in ("by_level", "by_block", "by_pass", "by_source"):
         assert sum(prof[split].values()) == pytest.approx(prof["busy_ms"], rel=1e-3, abs=0.01), split
     assert {"level0", "level1"} <= set(prof["by_level"]) and {"temporal", "mlp"} <= set(prof["by_block"])
-    assert prof["by_pass"].get("bwd", 0) > 0
+    assert all(prof["by_pass"].get(p, 0) > 0 for p in ("fwd", "recompute", "bwd")), prof["by_pass"]  # remat on
     assert any(k.startswith("scan_associative:") for k in prof["by_source"]), list(prof["by_source"])[:10]
+
+
+def test_kernel_times_count_a_loop_body_not_the_loop_around_it(tmp_path):
+    """On a CPU a while loop is an event spanning its body's: counting both would count the body twice."""
+    import glob
+    from jax.profiler import ProfileData
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, 20, lambda i, x: jnp.sin(x) * 1.01, x))
+    x = jnp.ones(200_000)
+    jax.block_until_ready(f(x))
+    with jax.profiler.trace(str(tmp_path)):
+        jax.block_until_ready(f(x))
+    kernels = bench.kernel_times(ProfileData.from_file(glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)[0]))
+    names = [name for name, _ in kernels]
+    assert not [n for n in names if n.startswith("while")], names
+    assert sum(1 for n in names if "sin" in n or "multiply" in n or "fusion" in n) >= 20, names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--part", "train", "--variants", '[{"gates": "dense"}]'], 'gates="dense" is not known'),
+    (["--part", "train", "--variants", '[{"remat": "all"}]'], 'remat="all" is not known'),
+    (["--part", "scan", "--profile"], "--profile works with --part train"),
+    (["--part", "train", "--profile-dir", "x"], "--profile-dir with --profile"),
+])
+def test_bench_refuses_unknown_variants_and_profiles_of_other_parts(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert message in str(e.value)
