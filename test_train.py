@@ -482,7 +482,7 @@ def test_input_noise_moves_a_share_of_the_inputs_and_the_loss_keeps_the_clean_ta
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
 
     def nll_bits(params, inputs):
-        logits = np.asarray(pf.apply(params, jnp.asarray(inputs), TINY_CFG), np.float64)
+        logits = np.asarray(jax.jit(pf.apply, static_argnums=2)(params, jnp.asarray(inputs), TINY_CFG), np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         return -np.sum(np.take_along_axis(logp, tokens[..., None], -1)[..., 0] * mask) / mask.sum() / math.log(2)
