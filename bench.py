@@ -186,11 +186,10 @@ def profile_step(step, args, hlo_text, top=25, keep_dir=None):
             import shutil
             shutil.copy(path, os.path.join(keep_dir, "step.xplane.pb"))
     sources = hlo_sources(hlo_text)
-    by_norm = {k.replace(".", "_").replace("-", "_"): k for k in sources}
     sums = {"level": {}, "block": {}, "pass": {}, "source": {}}
     rows = []
     for name, ns in kernels:
-        op, line = sources.get(name) or sources.get(by_norm.get(name.replace(".", "_").replace("-", "_"), ""), ("", "?"))
+        op, line = sources.get(name, ("", "?"))  # a GPU's kernels name their HLO instruction (hlo_op)
         levels = re.findall(r"level(\d+)", op)
         block = next((b for b in ("temporal", "mlp") if f"/{b}/" in op or op.endswith(f"/{b}")), "other")
         keys = {"level": f"level{levels[-1]}" if levels else "other", "block": block,
