@@ -405,6 +405,7 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
     samples = tmp_path / 'samples'
     samples.mkdir()
     for i, clip in enumerate(sound_set(6, 2)):
+        clip[:4000] *= 0.03  # a quiet first quarter: the rest is loud, for the voiced share
         data.write_wav(samples / f'sample_{i:03d}.wav', clip)
     clips = []
     for i in range(6):
@@ -441,8 +442,10 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
     row = lines[header + 2].split()
     assert row[:2] == ['samples', '(n=6)'] and float(row[2]) == pytest.approx(nll, abs=1e-3)
     assert written['floor_drift_db'] == pytest.approx(metrics.noise_floor_drift(clips), abs=1e-9)
+    assert written['voiced'] == pytest.approx(metrics.voiced_share(clips), abs=1e-9) and written['voiced'] is not None
     keys = ('fid', 'is', 'mis', 'am', 'floor_drift_db')
-    assert [float(v) for v in row[3:]] == pytest.approx([written[k] for k in keys], abs=0.05)
+    assert [float(v) for v in row[3:-1]] == pytest.approx([written[k] for k in keys], abs=0.05)
+    assert float(row[-1]) == pytest.approx(100 * written['voiced'], abs=0.5)  # voiced %
     assert lines[header + 3].split()[:4] == ['sc09-espeak', 'test', 'clips', '(n=20)']
     # `frames` reads the same model's bits per token (rows of 160 tokens: no whole 25 ms frame after two)
     bits, split, _ = metrics.model_token_bits(str(tmp_path / 'run'), None)
@@ -473,6 +476,52 @@ def test_noise_floor_drift_measures_how_far_the_floor_moves_within_a_clip():
     assert metrics.noise_floor_drift([short]) == pytest.approx(6, abs=0.6)
     assert metrics.noise_floor_drift([steady, stepped, stepped]) == pytest.approx(20, abs=0.5)  # the median
     assert metrics.noise_floor_drift([steady, noise(1599, -30)]) is None
+
+
+def test_periodicity_finds_a_pitch_period_and_not_noise():
+    """periodicity: the best normalised autocorrelation of a 50 ms frame at lags of 2.5-12.5 ms, against
+    each lag's correlation written out. A vowel-like frame (a 125 Hz pulse train ringing a 700 Hz resonance) and a
+    200 Hz sine score ~1; white noise and the built-in set's darkest noise (low-passed at 300 Hz) do not
+    reach VOICED_PEAK; a 50 Hz wave (a period of 320 samples, out of range), close to itself at the short
+    lags, is not taken for a pitch: the search starts past the first zero crossing."""
+    rng = np.random.default_rng(0)
+    n = metrics.VOICE_FRAME
+    pulses = np.zeros(n + 800)
+    pulses[::128] = 1.0
+    vowel = np.zeros_like(pulses)  # a resonator: poles at 0.97 e^(+-i 2 pi 700/16000)
+    a1, a2 = 2 * 0.97 * np.cos(2 * np.pi * 700 / 16000), -0.97 ** 2
+    for t in range(len(pulses)):
+        vowel[t] = pulses[t] + a1 * vowel[t - 1] + a2 * vowel[t - 2] if t >= 2 else pulses[t]
+    vowel = vowel[800:]
+    t = np.arange(n)
+    slow = np.sin(2 * np.pi * t / 320) + 0.3 * rng.normal(size=n)  # 50 Hz: close at lag 40, not periodic there
+    for frame in (vowel, 3.0 * vowel + 0.5, rng.normal(size=n), rng.normal(size=n) + np.sin(2 * np.pi * t / 80), slow):
+        x = frame - frame.mean()
+        r = {k: np.dot(x[:-k], x[k:]) / np.linalg.norm(x[:-k]) / np.linalg.norm(x[k:]) for k in range(1, 201)}
+        first_negative = min(k for k in r if r[k] < 0)
+        brute = max(r[k] for k in r if k >= max(40, first_negative))
+        assert metrics.periodicity(frame) == pytest.approx(brute, abs=1e-9)
+    assert metrics.periodicity(vowel) > 0.95 and metrics.periodicity(np.sin(2 * np.pi * t / 80)) > 0.99
+    assert metrics.periodicity(slow) < metrics.VOICED_PEAK < max(r[k] for k in range(40, 201))  # slow's r
+    dark = data._lowpass(rng.normal(size=40 * n), 300.0).reshape(40, n)
+    white = rng.normal(size=(40, n))
+    assert max(metrics.periodicity(f) for f in np.concatenate([dark, white])) < metrics.VOICED_PEAK
+
+
+def test_voiced_share_counts_the_periodic_loud_frames():
+    """voiced_share: over all clips, the share of frames > 15 dB above their clip's floor that are
+    periodic. A clip with a quiet floor, 10 frames of a vowel-like tone and 10 of loud noise: 1/2; the
+    floor's frames are not counted; two clips pool their frames; no loud frame gives None."""
+    rng = np.random.default_rng(1)
+    n = metrics.VOICE_FRAME
+    t = np.arange(10 * n)
+    tone = 0.3 * np.sign(np.sin(2 * np.pi * t / 100)) * np.exp(-(t % 100) / 20)  # a pulse every 100 samples
+    floor = lambda frames: 1e-3 * rng.normal(size=frames * n)
+    clip = np.concatenate([floor(20), tone, 0.3 * rng.normal(size=10 * n)])
+    assert metrics.voiced_share([clip]) == 0.5
+    assert metrics.voiced_share([np.concatenate([floor(20), tone])]) == 1.0
+    assert metrics.voiced_share([clip, np.concatenate([floor(20), tone])]) == pytest.approx(20 / 30)
+    assert metrics.voiced_share([floor(20)]) is None
 
 
 def test_mu_law_edges_are_where_the_encoder_moves_to_the_next_token():

@@ -725,6 +725,7 @@ def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, comp
         evaluated = json.load(f)
     for key in ("nll", "fid", "is", "mis", "am"):
         assert evaluated[key] == pytest.approx(report[key], rel=1e-6), key
+    assert evaluated["floor_drift_db"] == report["floor_drift_db"] and evaluated["voiced"] == report["voiced"]
     assert 0.0 < report["nll"] < 9.0 and report["classifier"].endswith(os.path.join("classifiers", "sc09-espeak"))
 
 
