@@ -457,7 +457,7 @@ def test_evaluate_command_prints_the_table_and_writes_metrics_json_with_the_test
     assert table.splitlines()[-1].endswith(f'0: {by_offset[0]:.2f}, 1: {by_offset[1]:.2f}')
     assert [line.split(':')[0] for line in table.splitlines() if line.startswith('test clip')] == \
         ['test clip 0', 'test clip 0', 'test clip 1', 'test clip 1', 'test clip 2', 'test clip 2']
-    assert lines[header + 3].split()[-1] == '-'  # this reference has no drift figure
+    assert lines[header + 3].split()[-2:] == ['-', '-']  # this reference has no drift or voiced figure
 
 
 def test_noise_floor_drift_measures_how_far_the_floor_moves_within_a_clip():
@@ -494,15 +494,23 @@ def test_periodicity_finds_a_pitch_period_and_not_noise():
         vowel[t] = pulses[t] + a1 * vowel[t - 1] + a2 * vowel[t - 2] if t >= 2 else pulses[t]
     vowel = vowel[800:]
     t = np.arange(n)
-    slow = np.sin(2 * np.pi * t / 320) + 0.3 * rng.normal(size=n)  # 50 Hz: close at lag 40, not periodic there
-    for frame in (vowel, 3.0 * vowel + 0.5, rng.normal(size=n), rng.normal(size=n) + np.sin(2 * np.pi * t / 80), slow):
+    slow = np.sin(2 * np.pi * t / 320) + 0.1 * rng.normal(size=n)  # 50 Hz: close at lag 40, not periodic there
+    pulses200 = np.exp(-(t % 200) / 3.0)  # an 80 Hz pulse train: its best lag is the last one, 200
+    for frame in (vowel, 3.0 * vowel + 0.5, rng.normal(size=n), rng.normal(size=n) + np.sin(2 * np.pi * t / 80), slow,
+                  pulses200):
         x = frame - frame.mean()
         r = {k: np.dot(x[:-k], x[k:]) / np.linalg.norm(x[:-k]) / np.linalg.norm(x[k:]) for k in range(1, 201)}
         first_negative = min(k for k in r if r[k] < 0)
         brute = max(r[k] for k in r if k >= max(40, first_negative))
         assert metrics.periodicity(frame) == pytest.approx(brute, abs=1e-9)
     assert metrics.periodicity(vowel) > 0.95 and metrics.periodicity(np.sin(2 * np.pi * t / 80)) > 0.99
-    assert metrics.periodicity(slow) < metrics.VOICED_PEAK < max(r[k] for k in range(40, 201))  # slow's r
+    assert metrics.periodicity(pulses200) > 0.99
+    x = slow - slow.mean()
+    assert np.dot(x[:-40], x[40:]) / np.linalg.norm(x[:-40]) / np.linalg.norm(x[40:]) > 0.65  # close at lag 40
+    assert metrics.periodicity(slow) < metrics.VOICED_PEAK
+    with pytest.raises(ValueError, match='too short'):
+        metrics.periodicity(vowel[:399])
+    # (0.27% of dark frames reach VOICED_PEAK (metrics.voiced_share); these 40, of this seed, do not)
     dark = data._lowpass(rng.normal(size=40 * n), 300.0).reshape(40, n)
     white = rng.normal(size=(40, n))
     assert max(metrics.periodicity(f) for f in np.concatenate([dark, white])) < metrics.VOICED_PEAK
@@ -522,6 +530,9 @@ def test_voiced_share_counts_the_periodic_loud_frames():
     assert metrics.voiced_share([np.concatenate([floor(20), tone])]) == 1.0
     assert metrics.voiced_share([clip, np.concatenate([floor(20), tone])]) == pytest.approx(20 / 30)
     assert metrics.voiced_share([floor(20)]) is None
+    # a partial last frame is left out, a clip under one frame skipped, digital silence is not the floor
+    assert metrics.voiced_share([np.concatenate([clip, 0.3 * rng.normal(size=n - 1)]), tone[:n - 1]]) == 0.5
+    assert metrics.voiced_share([np.concatenate([np.zeros(20 * n), floor(20), tone])]) == 1.0
 
 
 def test_mu_law_edges_are_where_the_encoder_moves_to_the_next_token():
