@@ -524,7 +524,8 @@ def run_part(name, timeout=None, **kw):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, checked before anything runs: one error line for bad JSON, Config fields or numbers."""
     import data  # its Parser
     import pf  # to check --model before any part runs
     p = data.Parser(description=__doc__)
@@ -572,6 +573,11 @@ def main(argv=None):
             raise ValueError("--profile works with --part train, and --profile-dir with --profile")
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid Config fields, bad numbers
         raise SystemExit(f"error: {e}")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.profile and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
         # A GPU runs the step's kernels as CUDA graphs ("command buffers"), which a trace shows as one
         # event each: off, every kernel is seen and attributed (read when jax starts its backend, after

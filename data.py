@@ -877,7 +877,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'error: {message} (see {self.prog} --help)\n')
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = Parser(description='Prepare a dataset (download, build or check it) '
                     'and print the number of clips in each split.')
     parser.add_argument('--dataset', required=True, choices=sorted(SEQ_LEN), help='which dataset')
@@ -887,8 +887,12 @@ def main(argv=None):
     parser.add_argument('--seq-len', type=int, help='tokens per row (default: the dataset\'s own)')
     args = parser.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 1:
-        print(f'error: --seq-len {args.seq_len} must be >= 1', file=sys.stderr)
-        return 1
+        raise SystemExit(f'error: --seq-len {args.seq_len} must be >= 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         ds = load(args.dataset, args.data_dir, args.size, args.seq_len, args.path)
     except DataError as e:

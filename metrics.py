@@ -15,19 +15,18 @@ pretrained ResNeXt; ours is a small ResNet trained here in pure JAX, so absolute
   AM  = KL(p_train(y) || p_gen(y)) + E_x H(p(y|x))
 
 Notation: N clips, S samples per clip, T frames, M mel bands, C channels, K classes.
-Everything here is NumPy or functional JAX; figures are drawn here (a 5x7 pixel font, axes, legends)
-and written by a small zlib PNG writer: no plot library.
+Everything here is NumPy or functional JAX; figures are matplotlib's (off-screen, Agg).
 """
 import json
 import math
 import os
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.figure import Figure  # off-screen figures (the Agg canvas); no pyplot, no display
 
 import checkpoint
 import data
@@ -718,294 +717,84 @@ def format_table(rows):
 
 
 # ----------------------------------------------------------------------------------------------
-# PNG writing and drawing (NumPy + zlib)
+# Figures (matplotlib, drawn off-screen: a Figure with the Agg canvas, no pyplot state, no display)
 
-def write_png(path, image):
-    """Write a uint8 (H, W) grey or (H, W, 3) RGB image as an 8-bit PNG."""
-    img = np.ascontiguousarray(np.asarray(image, np.uint8))
-    if img.ndim == 2:
-        color_type = 0
-    elif img.ndim == 3 and img.shape[2] == 3:
-        color_type = 2
-    else:
-        raise ValueError(f'write_png: expected (H, W) or (H, W, 3), got {img.shape}')
-    h, w = img.shape[:2]
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, -1)], axis=1)  # filter 0 per row
-
-    def chunk(tag, payload):
-        body = tag + payload
-        return len(payload).to_bytes(4, 'big') + body + zlib.crc32(body).to_bytes(4, 'big')
-    ihdr = w.to_bytes(4, 'big') + h.to_bytes(4, 'big') + bytes([8, color_type, 0, 0, 0])
-    png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw.tobytes(), 9))
-           + chunk(b'IEND', b''))
-    data.write_atomic(path, lambda f: f.write(png))
+def save_figure(fig, path, dpi=100):
+    """Write a figure as a PNG, atomically (a watched curves.png is never half-written)."""
+    data.write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=dpi))
 
 
-# A colour map from black through purple and orange to pale yellow (magma-like anchors).
-_CMAP = np.array([[0, 0, 4], [81, 18, 124], [183, 55, 121], [252, 137, 97], [252, 253, 191]], np.float64)
+def smooth(y, window):
+    """Trailing mean over the last `window` values (fewer at the start): the training loss drawn
+    over its noisy per-batch values."""
+    y = np.asarray(y, np.float64)
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(i - window, 0)
+    return (c[i] - c[lo]) / (i - lo)
 
 
-def colormap(x):
-    """Values in [0, 1] -> uint8 RGB (..., 3)."""
-    pos = np.clip(np.asarray(x, np.float64), 0, 1) * (len(_CMAP) - 1)
-    i = np.minimum(pos.astype(int), len(_CMAP) - 2)
-    frac = (pos - i)[..., None]
-    return np.round(_CMAP[i] * (1 - frac) + _CMAP[i + 1] * frac).astype(np.uint8)
-
-
-def spectrogram_tiles(audio, sample_rate, n_mels=48, width=128):
-    """Mel spectrograms (dB, 80 dB range, high bands on top) as colour tiles: (N, S) float audio ->
-    uint8 (N, M, T, 3), about `width` frames each."""
+def spectrogram_db(audio, sample_rate, n_mels=48, width=128):
+    """Mel spectrograms in dB below each clip's loudest point, about `width` frames each:
+    (N, S) float audio -> (N, M, T), bands low to high (the STFT size follows the hop)."""
     audio = np.atleast_2d(np.asarray(audio, np.float32))
-    n, s = audio.shape
-    hop = max(1, -(-s // width))
+    hop = max(1, -(-audio.shape[1] // width))
     n_fft = int(min(2048, max(256, 2 ** math.ceil(math.log2(4 * hop)))))
-    if s <= n_fft // 2:                                   # reflect padding needs a longer signal
+    if audio.shape[1] <= n_fft // 2:                      # reflect padding needs a longer signal
         audio = fit_length(audio, n_fft // 2 + 1)
-    tiles = np.asarray(_mel_db_jit(jnp.asarray(audio), sample_rate=int(sample_rate), n_fft=n_fft,
-                                   hop=hop, n_mels=n_mels))[:, ::-1, :]     # (N, M, T), high bands on top
-    return colormap((tiles + TOP_DB) / TOP_DB)                            # (N, M, T, 3)
+    return np.asarray(_mel_db_jit(jnp.asarray(audio), sample_rate=int(sample_rate), n_fft=n_fft, hop=hop,
+                                  n_mels=n_mels)), hop
 
 
-def spectrogram_grid(audio, sample_rate, n_mels=48, width=128, gap=2):
-    """A bare grid of mel spectrogram tiles, one per clip: (N, S) float audio -> uint8 RGB image.
-    figure_spectrograms draws the same tiles with a title, labels, axes and the colour scale."""
-    tiles = spectrogram_tiles(audio, sample_rate, n_mels, width)
-    n = len(tiles)
+def figure_spectrograms(audio, sample_rate, labels=None, title='Mel spectrograms', mark_seconds=None):
+    """One mel spectrogram tile per clip, labels[i] (e.g. its NLL and the digit the classifier hears)
+    as tile i's title; kHz ticks (mel-spaced) on the left column, seconds under the bottom row, the dB
+    colour bar beside. mark_seconds: a dashed line at that time on every tile (a prompt's end)."""
+    db, hop = spectrogram_db(audio, sample_rate)
+    n, m, t = db.shape
+    labels = [f'#{i}' for i in range(n)] if labels is None else [str(label) for label in labels]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    th, tw = tiles.shape[1:3]
-    grid = np.full((rows * (th + gap) + gap, cols * (tw + gap) + gap, 3), 255, np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        grid[gap + r * (th + gap):gap + r * (th + gap) + th, gap + c * (tw + gap):gap + c * (tw + gap) + tw] = tile
-    return grid
+    fig = Figure(figsize=(1.9 * cols + 1.2, 1.55 * rows + 0.9), layout='constrained')
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    seconds = t * hop / sample_rate
+    top_mel = float(hz_to_mel(sample_rate / 2))
+    khz = [k for k in (0, 1, 2, 4, 8) if k * 1000 <= sample_rate / 2]
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_visible(False)
+            continue
+        image = ax.imshow(db[i], origin='lower', aspect='auto', cmap='magma', vmin=-TOP_DB, vmax=0,
+                          extent=(0, seconds, 0, top_mel), interpolation='nearest')
+        ax.set_title(labels[i], fontsize=7)
+        if mark_seconds is not None:
+            ax.axvline(mark_seconds, color='white', linestyle='--', linewidth=0.8)
+    axes[0, 0].set_yticks([float(hz_to_mel(k * 1000)) for k in khz], [str(k) for k in khz])
+    for ax in axes.flat:
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title)
+    fig.supxlabel('time (s)')
+    fig.supylabel('frequency (kHz, mel scale)')
+    fig.colorbar(image, ax=axes, shrink=0.6, label="dB below the clip's loudest point")
+    return fig
 
 
-def figure_spectrograms(audio, sample_rate, labels=None, title='Mel spectrograms', n_mels=48, width=128):
-    """Labelled mel spectrograms, one tile per clip: labels[i] (lines split at newline) above tile i;
-    frequency (kHz, mel-spaced) ticks on the left column, time (s) ticks under the bottom row, the dB
-    colour scale at the bottom. (N, S) float audio -> uint8 RGB image."""
-    tiles = spectrogram_tiles(audio, sample_rate, n_mels, width)
-    n, th, tw = tiles.shape[:3]
-    labels = [str(label).split('\n') for label in labels] if labels is not None else [[f'#{i}'] for i in range(n)]
-    label_h = max(len(lines) for lines in labels) * 10 + 2
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    caption = "x: time (s); y: frequency (kHz); colour: dB below the clip's loudest point"
-    left, top = 50, 28
-    cell_w, cell_h = tw + 24, label_h + th + 18  # room for the tick labels between tiles
-    height, width_px = top + rows * cell_h + 40, max(left + cols * cell_w, len(caption) * FONT_W + left + 10)
-    img = np.full((height, width_px, 3), 255, np.uint8)
-    draw_title(img, title)
-    nyquist, seconds = sample_rate / 2, np.atleast_2d(audio).shape[1] / sample_rate
-    top_mel = float(hz_to_mel(nyquist))
-    khz, last_py = [], None  # kHz ticks at least 10 pixels apart
-    for k in (0, 1, 2, 4, 8, 16, 32):
-        py = (th - 1) * float(hz_to_mel(k * 1000)) / top_mel
-        if k * 1000 <= nyquist and (last_py is None or py - last_py >= 10):
-            khz, last_py = khz + [k], py
-    t_ticks = nice_ticks(0, seconds, 3)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        x, y = left + c * cell_w, top + r * cell_h
-        for j, line in enumerate(labels[i]):
-            draw_text(img, x, y + 10 * j, line)
-        ty = y + label_h
-        img[ty:ty + th, x:x + tw] = tiles[i]
-        if c == 0:  # frequency ticks: the mel position of each kHz value
-            for k in khz:
-                py = ty + th - 1 - (th - 1) * float(hz_to_mel(k * 1000)) / top_mel
-                draw_line(img, x - 4, py, x - 1, py, (0, 0, 0))
-                draw_text(img, x - 6, py, f'{k}', ha='right', va='center')
-        if r == rows - 1 or i + cols >= n:  # time ticks under the lowest tile of each column
-            for v in t_ticks:
-                px = x + (tw - 1) * v / seconds
-                draw_line(img, px, ty + th, px, ty + th + 3, (0, 0, 0))
-                draw_text(img, px, ty + th + 5, tick_label(v, t_ticks), ha='center')
-    draw_text(img, 8, top + rows * cell_h / 2, 'frequency (kHz, mel scale)', va='center', ha='left', vertical=True)
-    by = height - 24
-    draw_text(img, left, by - 12, caption)
-    bar_x = left + 9 * FONT_W
-    draw_text(img, left, by + 4, '-80 dB', va='center')
-    for i in range(160):
-        img[by:by + 9, bar_x + i] = colormap(i / 159)
-    draw_text(img, bar_x + 166, by + 4, '0 dB', va='center')
-    return img
-
-
-# A 5 x 7 pixel font for printable ASCII: each glyph is 7 rows of 5 bits (bit 4 = leftmost pixel),
-# two hex digits a row. Drawn for this file, in the style of the classic 5 x 7 character LCD fonts.
-_GLYPHS = {
-    ' ': '00000000000000', '!': '04040404000004', '"': '0A0A0A00000000', '#': '0A0A1F0A1F0A0A',
-    '$': '040F140E051E04', '%': '18190204081303', '&': '0C12140815120D', "'": '0C040800000000',
-    '(': '02040808080402', ')': '08040202020408', '*': '0004150E150400', '+': '0004041F040400',
-    ',': '000000000C0408', '-': '0000001F000000', '.': '00000000000C0C', '/': '00010204081000',
-    '0': '0E11131519110E', '1': '040C040404040E', '2': '0E11010204081F', '3': '1F02040201110E',
-    '4': '02060A121F0202', '5': '1F101E0101110E', '6': '0608101E11110E', '7': '1F010204080808',
-    '8': '0E11110E11110E', '9': '0E11110F01020C', ':': '000C0C000C0C00', ';': '000C0C000C0408',
-    '<': '02040810080402', '=': '00001F001F0000', '>': '08040201020408', '?': '0E110102040004',
-    '@': '0E11010D15150E', 'A': '0E1111111F1111', 'B': '1E11111E11111E', 'C': '0E11101010110E',
-    'D': '1C12111111121C', 'E': '1F10101E10101F', 'F': '1F10101E101010', 'G': '0E11101711110F',
-    'H': '1111111F111111', 'I': '0E04040404040E', 'J': '0702020202120C', 'K': '11121418141211',
-    'L': '1010101010101F', 'M': '111B1515111111', 'N': '11111915131111', 'O': '0E11111111110E',
-    'P': '1E11111E101010', 'Q': '0E11111115120D', 'R': '1E11111E141211', 'S': '0F10100E01011E',
-    'T': '1F040404040404', 'U': '1111111111110E', 'V': '11111111110A04', 'W': '1111111515150A',
-    'X': '11110A040A1111', 'Y': '1111110A040404', 'Z': '1F01020408101F', '[': '0E08080808080E',
-    '\\': '00100804020100', ']': '0E02020202020E', '^': '040A1100000000', '_': '0000000000001F',
-    '`': '08040200000000', 'a': '00000E010F110F', 'b': '1010161911111E', 'c': '00000E1010110E',
-    'd': '01010D1311110F', 'e': '00000E111F100E', 'f': '0609081C080808', 'g': '000F11110F010E',
-    'h': '10101619111111', 'i': '04000C0404040E', 'j': '0200060202120C', 'k': '10101214181412',
-    'l': '0C04040404040E', 'm': '00001A15151111', 'n': '00001619111111', 'o': '00000E1111110E',
-    'p': '00001E111E1010', 'q': '00000D130F0101', 'r': '00001619101010', 's': '00000E100E011E',
-    't': '08081C08080906', 'u': '0000111111130D', 'v': '00001111110A04', 'w': '0000111115150A',
-    'x': '0000110A040A11', 'y': '000011110F010E', 'z': '00001F0204081F', '{': '02040408040402',
-    '|': '04040404040404', '}': '08040402040408', '~': '00000815020000',
-}
-FONT_W, FONT_H = 6, 7  # advance (5 pixels and a space) and height of a character at scale 1
-
-
-def text_mask(text, scale=1):
-    """A line of text -> bool (7 scale, 6 scale len(text)) pixels; other characters draw as '?'."""
-    mask = np.zeros((FONT_H, FONT_W * len(text)), bool)
-    for i, ch in enumerate(text):
-        rows = np.frombuffer(bytes.fromhex(_GLYPHS.get(ch, _GLYPHS['?'])), np.uint8)  # (7,)
-        mask[:, FONT_W * i:FONT_W * i + 5] = (rows[:, None] >> np.arange(4, -1, -1)) & 1
-    return np.kron(mask, np.ones((scale, scale), bool))
-
-
-def draw_text(img, x, y, text, color=(0, 0, 0), scale=1, ha='left', va='top', vertical=False):
-    """Draw text at (x, y): ha left | center | right, va top | center | bottom say which point of the
-    text's box (x, y) is. vertical: rotated a quarter turn, read bottom to top (a y-axis label)."""
-    mask = text_mask(text, scale)
-    mask = np.rot90(mask) if vertical else mask
-    h, w = mask.shape
-    x = int(round(x - {'left': 0, 'center': w / 2, 'right': w}[ha]))
-    y = int(round(y - {'top': 0, 'center': h / 2, 'bottom': h}[va]))
-    ys, xs = np.nonzero(mask)
-    ok = (y + ys >= 0) & (y + ys < img.shape[0]) & (x + xs >= 0) & (x + xs < img.shape[1])
-    img[y + ys[ok], x + xs[ok]] = color
-
-
-def draw_dots(img, xs, ys, color, radius=1):
-    """Square dots at pixel coordinates (xs, ys); color (3,) or (n, 3)."""
-    xs, ys = np.round(xs).astype(int), np.round(ys).astype(int)
-    color = np.broadcast_to(np.asarray(color, np.uint8), (len(xs), 3))
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            yy, xx = ys + dy, xs + dx
-            ok = (yy >= 0) & (yy < img.shape[0]) & (xx >= 0) & (xx < img.shape[1])
-            img[yy[ok], xx[ok]] = color[ok]
-
-
-def draw_line(img, x0, y0, x1, y1, color, radius=0):
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    draw_dots(img, np.linspace(x0, x1, n), np.linspace(y0, y1, n), color, radius)
-
-
-def draw_box(img, x0, y0, x1, y1, color=(0, 0, 0), fill=None):
-    if fill is not None:
-        img[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = fill
-    for edge in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
-        draw_line(img, *edge, color)
-
-
-def nice_ticks(lo, hi, n=6, integer=False):
-    """About n round values in [lo, hi]: steps of 1, 2, 2.5 or 5 x 10^k (no 2.5 for integer ticks)."""
-    hi = hi if hi > lo else lo + 1
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10.0 ** math.floor(math.log10(raw))
-    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
-    step = max(next(m * mag for m in steps if m * mag >= raw * (1 - 1e-9)), 1 if integer else 0)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def tick_label(value, ticks):
-    """A tick value with as many decimals as the tick step needs: 0.95, 1000, 2.5."""
-    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / 10 ** math.floor(
-        math.log10(step) + 1e-9), 6) == 2.5 else 0)
-    return f'{value:.{decimals}f}'
-
-
-def draw_axes(img, box, xlim, ylim, xlabel, ylabel, integer_x=False, xticks=None, yticks=None):
-    """A frame at box = (x0, y0, x1, y1) pixels (y0 on top) with grid lines, labelled ticks and axis
-    labels; -> (to_x, to_y), data -> pixel coordinates."""
-    x0, y0, x1, y1 = box
-    to_x = lambda v: x0 + (x1 - x0) * (np.asarray(v, np.float64) - xlim[0]) / (xlim[1] - xlim[0])
-    to_y = lambda v: y1 - (y1 - y0) * (np.asarray(v, np.float64) - ylim[0]) / (ylim[1] - ylim[0])
-    xticks = nice_ticks(*xlim, integer=integer_x) if xticks is None else xticks
-    yticks = nice_ticks(*ylim) if yticks is None else yticks
-    for v in yticks:
-        y = float(to_y(v))
-        draw_line(img, x0, y, x1, y, (228, 228, 228))
-        draw_line(img, x0 - 4, y, x0, y, (0, 0, 0))
-        draw_text(img, x0 - 7, y, tick_label(v, yticks), ha='right', va='center')
-    for v in xticks:
-        x = float(to_x(v))
-        draw_line(img, x, y0, x, y1, (228, 228, 228))
-        draw_line(img, x, y1, x, y1 + 4, (0, 0, 0))
-        draw_text(img, x, y1 + 7, tick_label(v, xticks), ha='center')
-    draw_box(img, x0, y0, x1, y1)
-    draw_text(img, (x0 + x1) / 2, y1 + 20, xlabel, ha='center')
-    width = max(len(tick_label(v, yticks)) for v in yticks) * FONT_W
-    draw_text(img, x0 - width - 20, (y0 + y1) / 2, ylabel, ha='left', va='center', vertical=True)
-    return to_x, to_y
-
-
-def draw_title(img, text, y=6):
-    """A title centred at the top, at double size when it fits."""
-    scale = 2 if len(text) * FONT_W * 2 < img.shape[1] - 8 else 1
-    draw_text(img, img.shape[1] / 2, y, text, scale=scale, ha='center')
-
-
-def draw_legend(img, x, y, entries):
-    """A boxed legend with its top-right corner at (x, y): entries (label, colour, 'line' or 'dots')."""
-    w = max(len(label) for label, _, _ in entries) * FONT_W + 34
-    h = len(entries) * 12 + 6
-    draw_box(img, x - w, y, x, y + h, (160, 160, 160), fill=(255, 255, 255))
-    for i, (label, color, kind) in enumerate(entries):
-        cy = y + 9 + 12 * i
-        if kind == 'dots':
-            draw_dots(img, np.array([x - w + 14.0]), np.array([cy]), color, radius=2)
-        else:
-            draw_line(img, x - w + 6, cy, x - w + 22, cy, color, radius=1)
-        draw_text(img, x - w + 28, cy, label, va='center')
-
-
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]  # per series
-
-
-def line_plot(series, title, xlabel, ylabel, size=(360, 600), xlim=None, ylim=None, integer_x=False):
-    """A titled plot of series [{'label', 'x', 'y', optional 'color' and 'style': line | dots |
-    line+dots}], axes labelled, ticks labelled, a legend when there is more than one series.
-    -> uint8 RGB (H, W, 3)."""
-    h, w = size
-    img = np.full((h, w, 3), 255, np.uint8)
-    draw_title(img, title)
-    xs = np.concatenate([np.asarray(s['x'], np.float64) for s in series])
-    ys = np.concatenate([np.asarray(s['y'], np.float64) for s in series])
-    ys = ys[np.isfinite(ys)]
-    xlim = xlim or (float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1)
-    if ylim is None:
-        pad = 0.05 * (ys.max() - ys.min()) if len(ys) and ys.max() > ys.min() else 0.5
-        ylim = (float(ys.min()) - pad, float(ys.max()) + pad) if len(ys) else (0.0, 1.0)
-    yticks = nice_ticks(*ylim)
-    left = max(len(tick_label(v, yticks)) for v in yticks) * FONT_W + 30
-    to_x, to_y = draw_axes(img, (left, 34, w - 16, h - 40), xlim, ylim, xlabel, ylabel, integer_x)
-    for i, s in enumerate(series):
-        color, style = s.get('color', COLORS[i % len(COLORS)]), s.get('style', 'line')
-        px, py = to_x(s['x']), to_y(s['y'])
-        if 'line' in style:
-            for j in range(len(px) - 1):
-                draw_line(img, px[j], py[j], px[j + 1], py[j + 1], color, radius=1)
-        if 'dots' in style:
-            draw_dots(img, px, py, color, radius=3)
-    if len(series) > 1:
-        draw_legend(img, w - 22, 40, [(s['label'], s.get('color', COLORS[i % len(COLORS)]),
-                                       'dots' if s.get('style') == 'dots' else 'line') for i, s in enumerate(series)])
-    return img
+def line_figure(panels, title):
+    """A column of line plots sharing nothing: panels [(xlabel, ylabel, series)], series
+    [{'label', 'x', 'y', optional 'alpha', 'marker', 'color'}]; a legend on every panel with more
+    than one series."""
+    fig = Figure(figsize=(8, 3.6 * len(panels)), layout='constrained')
+    for ax, (xlabel, ylabel, series) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        for s in series:
+            ax.plot(s['x'], s['y'], label=s['label'], alpha=s.get('alpha', 1.0), marker=s.get('marker'),
+                    color=s.get('color'), markersize=4)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    fig.suptitle(title)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1046,48 +835,34 @@ def rglru_a_values(params):
     return found
 
 
-def figure_mean_abs_a(a_values, size=(360, 600)):
+def figure_mean_abs_a(a_values):
     """Figure 4.9: mean |a| of each RG-LRU layer (x: depth, first layer left; y: mean |a|)."""
     means = np.array([np.abs(a).mean() for _, a in a_values])
     lo = min(0.9, math.floor(means.min() * 10) / 10) if len(means) else 0.0
-    img = line_plot([{'label': 'mean |a|', 'x': np.arange(len(means)), 'y': means, 'style': 'line+dots'}],
-                    'Fig. 4.9: mean |a| of each RG-LRU layer', 'RG-LRU layer, in network order (0 = first)',
-                    'mean |a| over the layer\'s channels', size, xlim=(-0.5, max(len(means) - 0.5, 0.5)),
-                    ylim=(lo, 1.0), integer_x=True)
-    return img, {'layers': [p for p, _ in a_values], 'mean_abs_a': means.tolist(), 'y_range': [lo, 1.0]}
+    fig = Figure(figsize=(7, 4), layout='constrained')
+    ax = fig.subplots()
+    ax.plot(np.arange(len(means)), means, marker='o', label='mean |a|')
+    ax.set(title='Fig. 4.9: mean |a| of each RG-LRU layer', xlabel='RG-LRU layer, in network order (0 = first)',
+           ylabel="mean |a| over the layer's channels", ylim=(lo, 1.0))
+    ax.grid(alpha=0.3)
+    return fig, {'layers': [p for p, _ in a_values], 'mean_abs_a': means.tolist(), 'y_range': [lo, 1.0]}
 
 
-def depth_color(t):
-    """Blue (first layer, t = 0) to red (last layer, t = 1)."""
-    return np.round(np.array([214, 39, 40]) * t + np.array([31, 119, 180]) * (1 - t)).astype(np.uint8)
-
-
-def figure_complex_plane(a_values, size=480, lim=1.1):
-    """Figure 4.7: every a in the complex plane with the unit circle; colour goes from blue (first
-    layer) to red (last), as the legend under the plot shows."""
-    img = np.full((size, size, 3), 255, np.uint8)
-    draw_title(img, 'Fig. 4.7: a of every RG-LRU channel')
-    side = size - 130
-    x0, y0 = 66, 32
-    to_x, to_y = draw_axes(img, (x0, y0, x0 + side, y0 + side), (-lim, lim), (-lim, lim), 'Re a', 'Im a',
-                           xticks=[-1, -0.5, 0, 0.5, 1], yticks=[-1, -0.5, 0, 0.5, 1])
-    phi = np.linspace(0, 2 * np.pi, 4 * size)
-    draw_dots(img, to_x(np.cos(phi)), to_y(np.sin(phi)), (0, 0, 0), radius=0)
-    n = len(a_values)
-    for depth, (_, a) in enumerate(a_values):
-        a = np.ravel(a)
-        draw_dots(img, to_x(a.real), to_y(a.imag), depth_color(depth / max(n - 1, 1)), radius=1)
-    # legend: the colour scale of depth, and the circle
-    ly = y0 + side + 38
-    draw_text(img, x0, ly, 'colour = layer:', va='center')
-    bar = x0 + 16 * FONT_W
-    draw_text(img, bar, ly, 'first', va='center')
-    for i in range(100):
-        img[ly - 4:ly + 5, bar + 36 + i] = depth_color(i / 99)
-    draw_text(img, bar + 142, ly, f'last ({n} layers)', va='center')
-    draw_line(img, x0, ly + 16, x0 + 16, ly + 16, (0, 0, 0))
-    draw_text(img, x0 + 22, ly + 16, 'unit circle, |a| = 1', va='center')
-    return img, {'layers': [p for p, _ in a_values], 'real': [np.ravel(a).real.tolist() for _, a in a_values],
+def figure_complex_plane(a_values, lim=1.1):
+    """Figure 4.7: every a in the complex plane with the unit circle; colour goes from the first
+    layer to the last, as the colour bar says."""
+    fig = Figure(figsize=(6, 5.4), layout='constrained')
+    ax = fig.subplots()
+    phi = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(phi), np.sin(phi), color='black', linewidth=0.8, label='unit circle, |a| = 1')
+    depth = np.concatenate([np.full(np.size(a), i) for i, (_, a) in enumerate(a_values)])
+    a = np.concatenate([np.ravel(a) for _, a in a_values])
+    dots = ax.scatter(a.real, a.imag, c=depth, cmap='coolwarm', s=6, vmin=0, vmax=max(len(a_values) - 1, 1))
+    ax.set(title='Fig. 4.7: a of every RG-LRU channel', xlabel='Re a', ylabel='Im a', xlim=(-lim, lim),
+           ylim=(-lim, lim), aspect='equal')
+    ax.legend(loc='lower left')
+    fig.colorbar(dots, ax=ax, label=f'RG-LRU layer (0 = first, {len(a_values)} layers)')
+    return fig, {'layers': [p for p, _ in a_values], 'real': [np.ravel(a).real.tolist() for _, a in a_values],
                  'imag': [np.ravel(a).imag.tolist() for _, a in a_values], 'limits': [-lim, lim]}
 
 
@@ -1098,7 +873,8 @@ def read_log(run_dir):
 
 
 def figure_curves(records, title='Learning curves'):
-    """Training loss and validation / test NLL (bits per sample) from a train.py log.jsonl's records:
+    """Training loss (per batch, faint, under its trailing mean over ~1/25 of the points) and
+    validation / test NLL (bits per sample, EMA weights) from a train.py log.jsonl's records:
     against wall-clock minutes (when the log has them) above, against the training step below."""
     panels = []
     for x_key, xlabel in (('minutes', 'wall-clock minutes of training (compile and evaluation included)'),
@@ -1107,15 +883,21 @@ def figure_curves(records, title='Learning curves'):
         for key, label in (('loss_bits', 'training loss (batch)'), ('val_nll_bits', 'validation NLL (EMA)'),
                            ('test_nll_bits', 'test NLL (EMA)')):
             points = [(r[x_key], r[key]) for r in records if r.get(key) is not None and r.get(x_key) is not None]
-            if points:
-                x, y = np.array(points, np.float64).T
-                series.append({'label': label, 'x': x, 'y': y,
-                               'style': 'line' if key == 'loss_bits' else 'line+dots'})
+            if not points:
+                continue
+            x, y = np.array(points, np.float64).T
+            if key == 'loss_bits':
+                series += [{'label': label, 'x': x, 'y': y, 'alpha': 0.25, 'color': 'C0'},
+                           {'label': 'training loss, smoothed', 'x': x, 'y': smooth(y, max(1, len(y) // 25)),
+                            'color': 'C0'}]
+            else:
+                series.append({'label': label, 'x': x, 'y': y, 'marker': 'o',
+                               'color': 'C1' if key == 'val_nll_bits' else 'C2'})
         if series:
-            panels.append(line_plot(series, title if not panels else f'{title}, by step', xlabel, 'bits per sample'))
+            panels.append((xlabel, 'bits per sample', series))
     if not panels:
         raise ValueError('no loss_bits, val_nll_bits or test_nll_bits records')
-    return np.concatenate(panels, 0)
+    return line_figure(panels, title)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1254,14 +1036,14 @@ def cmd_figures(args):
         raise SystemExit(f'error: {source}: no RG-LRU parameters (no key lambda_)')
     os.makedirs(out, exist_ok=True)
     for name, draw in (('fig4_9_mean_abs_a', figure_mean_abs_a), ('fig4_7_a_complex_plane', figure_complex_plane)):
-        img, numbers = draw(a_values)
-        write_png(os.path.join(out, name + '.png'), img)
+        fig, numbers = draw(a_values)
+        save_figure(fig, os.path.join(out, name + '.png'))
         save_json(os.path.join(out, name + '.json'), {'source': source, **numbers})
         print(f'wrote {os.path.join(out, name)}.png / .json')
     log = os.path.join(args.checkpoint, 'log.jsonl') if args.checkpoint and os.path.isdir(args.checkpoint) else None
     if log and os.path.isfile(log):  # the run's learning curves
-        write_png(os.path.join(out, 'curves.png'), figure_curves(read_log(args.checkpoint),
-                                                                 f'Learning curves: {args.checkpoint}'))
+        save_figure(figure_curves(read_log(args.checkpoint), f'Learning curves: {args.checkpoint}'),
+                    os.path.join(out, 'curves.png'))
         print(f'wrote {os.path.join(out, "curves.png")}')
     means = [float(np.abs(a).mean()) for _, a in a_values]
     print(f'{len(a_values)} RG-LRU layers; mean |a| first {means[0]:.4f}, last {means[-1]:.4f}, '
@@ -1317,7 +1099,7 @@ def cmd_compare(args):
         save_json(args.out, runs)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = data.Parser(description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('train-classifier', help='train the digit classifier for FID / IS / mIS / AM')
@@ -1364,6 +1146,11 @@ def main(argv=None):
     for flag in ('steps', 'batch', 'clips'):
         if getattr(args, flag, 1) < 1:
             raise SystemExit(f'error: --{flag} {getattr(args, flag)} must be >= 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     args.run(args)
 
 

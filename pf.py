@@ -770,15 +770,20 @@ def print_tree(tree, indent=""):
             print(f"{indent}{name} {tuple(sub.shape)}: {int(np.prod(sub.shape)):,}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """python pf.py's flags -> Config (one error line for an invalid one)."""
     import data  # its Parser: one error line for a bad flag (NumPy only, no files touched)
 
     parser = data.Parser(description="Print a Poolformer's parameter tree and count.")
     add_config_args(parser)
     try:
-        cfg = config_from_args(parser.parse_args())
+        return config_from_args(parser.parse_args(argv))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cfg = parse_args()
     print(cfg)
     shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
     print_tree(shapes)

@@ -80,7 +80,7 @@ def digit_guesses(meta, audio, rate):
     return [(data.DIGITS[k], float(p[k])) for k, p in zip(probs.argmax(1), probs)]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = data.Parser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a train.py run folder (best.npz, else newest) or .npz")
     parser.add_argument("--n", type=int, default=16, help="clips to write")
@@ -105,6 +105,11 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} {value} must be >= 1")
     if args.generate is not None and args.generate < args.n:
         raise SystemExit(f"error: --generate {args.generate} must be at least --n {args.n}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.prompt and not os.path.isfile(args.prompt):
         raise SystemExit(f"error: --prompt {args.prompt}: no such WAV file")
 
@@ -164,7 +169,8 @@ def write_samples(cfg, params, meta, out, n, generate_n=None, seed=0, batch_size
         json.dump({"checkpoint": source, "step": meta["step"], "seed": seed, "temperature": temperature,
                    "top_p": top_p, "prompt": prompt_path, "prompt_tokens": prompt_len, "samples": records}, f, indent=1)
     title = f"{len(keep)} samples, step {meta['step']}" + (": NLL, classifier's digit" if guesses else ": NLL")
-    metrics.write_png(os.path.join(out, "spectrograms.png"), metrics.figure_spectrograms(audio, rate, labels, title))
+    mark = prompt_len / rate if prompt_len else None  # a prompt's end, dashed on every tile
+    metrics.save_figure(metrics.figure_spectrograms(audio, rate, labels, title, mark), os.path.join(out, "spectrograms.png"))
     print(f"wrote {len(keep)} WAVs, samples.json (mean NLL {nll_bits[keep].mean():.3f} bits) and "
           f"spectrograms.png to {out}")
     return audio

@@ -120,13 +120,20 @@ def test_wavs_are_16khz_mono_16bit_of_the_right_length_and_decode_the_tokens(run
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_path):
+def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_path, monkeypatch):
     prompt = np.sin(np.arange(10) / 2.0).astype(np.float32) * 0.5
     data.write_wav(str(tmp_path / "prompt.wav"), prompt)
     out = str(tmp_path / "p")
+    drawn, figure = [], sample.metrics.figure_spectrograms
+    monkeypatch.setattr(sample.metrics, "figure_spectrograms", lambda *a: drawn.append(a) or figure(*a))
     assert sample.main(["--checkpoint", run_dir, "--n", "2", "--generate", "6", "--out", out,
                         "--prompt", str(tmp_path / "prompt.wav")]) == 0
     records, clips = read_clips(out)
+    # spectrograms.png: the kept clips, each tile titled with its NLL, the prompt's end marked
+    (audio, rate, labels, _, mark), = drawn
+    np.testing.assert_allclose(audio, [a for a, _ in clips], atol=2 / 32768)
+    assert rate == 16000 and mark == 10 / 16000
+    assert labels == [f"#{j}: {r['nll_bits']:.2f} bits/sample" for j, r in enumerate(records)]
     expected = data.decode(data.encode(data.read_wav(str(tmp_path / "prompt.wav"))[0], "mu-law"), "mu-law")
     for audio, _ in clips:
         np.testing.assert_allclose(audio[:10], expected, atol=2 / 32768)

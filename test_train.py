@@ -432,6 +432,23 @@ def test_best_npz_keeps_its_score_across_a_resume(data_dir, tmp_path, monkeypatc
     assert [r["val_nll_bits"] for r in log_records(out) if "val_nll_bits" in r] == [1.0, 2.0, 3.0]
 
 
+def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(data_dir, tmp_path, monkeypatch):
+    """--steps 3 --eval-every 1: OUT/curves.png is drawn after each evaluation with the validation NLLs so
+    far (1, 2, then 3 of them), and once more at the end with every training step's loss."""
+    stub_training(monkeypatch, [], val_nlls=[3.0, 2.0, 1.0])
+    drawn = []
+
+    def save_figure(fig, path):
+        lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[-1].get_lines()}
+        drawn.append((path, lines.get("validation NLL (EMA)"), len(lines["training loss (batch)"])))
+    monkeypatch.setattr(train.metrics, "save_figure", save_figure)
+    out = str(tmp_path / "watched")
+    assert train.main(args(data_dir, out, "--steps", "3", "--eval-every", "1")) == 0
+    curves = os.path.join(out, "curves.png")
+    assert drawn == [(curves, [3.0], 1), (curves, [3.0, 2.0], 2), (curves, [3.0, 2.0, 1.0], 3),
+                     (curves, [3.0, 2.0, 1.0], 3)]
+
+
 def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_update(data_dir):
     """One compiled step (dropout 0.5, AdamW with weight decay 0.1). Dropout: from the same weights,
     step 0 twice gives the same loss, step 1 another, and both differ from the loss without dropout,
@@ -524,8 +541,8 @@ def test_the_default_run_is_the_documented_cpu_recipe():
     cfg, tc = train.parse_args([])
     assert (cfg.pooling, cfg.layers, cfg.d_model, cfg.d_rnn, cfg.dropout) == ((4, 4, 5), (0, 1, 1, 2), 32, 64, 0.0)
     assert (tc.dataset, tc.out, tc.batch_size, tc.lr, tc.decay, tc.warmup, tc.ema, tc.minutes) == \
-        ("sc09-espeak", "runs/digits", 4, 0.005, "constant", 50, 0.98, 28.0)
-    assert (tc.eval_every, tc.eval_clips, tc.report_samples, tc.dtype) == (1000, 64, 64, "float32")
+        ("sc09-espeak", "runs/digits", 4, 0.005, "constant", 50, 0.98, 8.0)
+    assert (tc.eval_every, tc.eval_clips, tc.report_samples, tc.dtype) == (250, 64, 64, "float32")
 
 
 # ---------------------------------------------------------------- 4. crash safety

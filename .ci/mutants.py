@@ -1,0 +1,146 @@
+"""The mutation round: bugs put by hand into pf, sample, train, checkpoint, metrics and data, each run
+against the tests that should catch it; prints the kill rate per module. Development only, not CI.
+
+    python .ci/mutants.py                          # every mutant (about an hour on 2 cores)
+    python .ci/mutants.py --module pf --module sample
+    python .ci/mutants.py --only 3 17              # by number
+    python .ci/mutants.py --list                   # the mutants, without running them
+    python .ci/mutants.py --markdown docs/mutants.md   # also write the table of results
+
+Each mutant replaces one snippet, found exactly once, in a copy of the tracked files, then runs
+`python -m pytest -x -q -p no:cacheprovider <its tests>` there: a failing run (or one past the time
+limit) kills it. The mutants live in .ci/mutants.json: file, original, replacement, what a user would
+get wrong, the tests that should catch it, and, for a mutant that changes nothing observable,
+`equivalent` with the reason (listed, not run).
+"""
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MUTANTS = os.path.join(ROOT, ".ci", "mutants.json")
+MODULES = ("pf", "sample", "train", "checkpoint", "metrics", "data")
+
+
+def load():
+    with open(MUTANTS) as f:
+        mutants = json.load(f)
+    for i, m in enumerate(mutants, 1):
+        m["id"] = i
+        with open(os.path.join(ROOT, m["file"])) as f:
+            count = f.read().count(m["original"])
+        if count != 1:
+            raise SystemExit(f"error: mutant {i} ({m['file']}): its original text occurs {count} times, not once: "
+                             f"{m['original']!r}")
+    return mutants
+
+
+def tracked_copy():
+    """The working tree's files (tracked, or new and not ignored: no data, no runs) in a fresh temporary folder."""
+    dest = tempfile.mkdtemp(prefix="mutants-")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
+    return dest
+
+
+def run(mutant, copy, timeout):
+    """-> ('killed' | 'survived' | 'timeout', seconds, the test that failed or None)."""
+    path = os.path.join(copy, mutant["file"])
+    with open(path) as f:
+        source = f.read()
+    with open(path, "w") as f:
+        f.write(source.replace(mutant["original"], mutant["replacement"], 1))
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "mutants-jax-cache"),
+           "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "default")}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
+                               *mutant["tests"].split()], cwd=copy, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+        outcome = "survived" if proc.returncode == 0 else "killed"
+        if proc.returncode not in (0, 1):  # 2-5: interrupted, internal or usage error, nothing collected
+            outcome, failed = "killed", [f"pytest exit {proc.returncode}: {proc.stdout.strip().splitlines()[-1:]}"]
+    except subprocess.TimeoutExpired:
+        outcome, failed = "timeout", []
+    finally:
+        with open(path, "w") as f:
+            f.write(source)
+    return outcome, time.perf_counter() - start, failed[0] if failed else None
+
+
+def table(results):
+    """Markdown: per module the kill rate, then every mutant with its outcome and the test that killed it."""
+    lines = ["| module | mutants | equivalent | killed | survived | kill rate (non-equivalent) |", "|---|---|---|---|---|---|"]
+    for module, rs in by_module(results).items():
+        eq = sum(r["outcome"] == "equivalent" for r in rs)
+        killed = sum(r["outcome"] in ("killed", "timeout") for r in rs)
+        rate = killed / max(len(rs) - eq, 1)
+        lines.append(f"| {module} | {len(rs)} | {eq} | {killed} | {len(rs) - eq - killed} | {100 * rate:.0f}% |")
+    lines += ["", "| # | file | change | what a user would get | outcome | killed by |", "|---|---|---|---|---|---|"]
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
+    for r in results:
+        change = f"`{cell(r['original'])}` -> `{cell(r['replacement'])}`"
+        by = r.get("equivalent") if r["outcome"] == "equivalent" else (r.get("killed_by") or "")
+        lines.append(f"| {r['id']} | {r['file']} | {change} | {cell(r['what'])} | {r['outcome']} | {cell(by)} |")
+    return "\n".join(lines) + "\n"
+
+
+def by_module(results):
+    groups = collections.OrderedDict((m, []) for m in MODULES)
+    for r in results:
+        groups[r["file"][:-3]].append(r)
+    return {m: rs for m, rs in groups.items() if rs}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--module", action="append", choices=MODULES, help="only this module's mutants (repeatable)")
+    p.add_argument("--only", type=int, nargs="+", help="only these mutants, by number")
+    p.add_argument("--list", action="store_true", help="list the mutants and their tests; run nothing")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run")
+    p.add_argument("--markdown", help="also write the results as a markdown table here")
+    p.add_argument("--json", help="also write the results as JSON here")
+    a = p.parse_args(argv)
+    mutants = [m for m in load() if (not a.module or m["file"][:-3] in a.module) and (not a.only or m["id"] in a.only)]
+    if a.list:
+        for m in mutants:
+            print(f"{m['id']:3d} {m['file']:14s} {m['what']}\n    {m['original']!r} -> {m['replacement']!r}\n"
+                  f"    {'equivalent: ' + m['equivalent'] if m.get('equivalent') else 'tests: ' + m['tests']}")
+        return 0
+    copy, results = tracked_copy(), []
+    try:
+        for m in mutants:
+            if m.get("equivalent"):
+                results.append({**m, "outcome": "equivalent"})
+                continue
+            outcome, seconds, failed = run(m, copy, a.timeout)
+            results.append({**m, "outcome": outcome, "seconds": round(seconds, 1), "killed_by": failed})
+            print(f"{m['id']:3d} {m['file']:14s} {outcome:9s} {seconds:6.1f} s  {failed or ''}", flush=True)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    print()
+    print(table(results).split("\n\n")[0])
+    survivors = [r for r in results if r["outcome"] == "survived"]
+    for r in survivors:
+        print(f"survived: {r['id']} {r['file']}: {r['what']}")
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
