@@ -7,9 +7,9 @@ against the tests that should catch it; prints the kill rate per module. Develop
     python .ci/mutants.py --list                   # the mutants, without running them
     python .ci/mutants.py --markdown docs/mutants.md   # also write the table of results
 
-Each mutant replaces one snippet, found exactly once, in a copy of the tracked files, then runs
-`python -m pytest -x -q -p no:cacheprovider <its tests>` there: a failing run (or one past the time
-limit) kills it. The mutants live in .ci/mutants.json: file, original, replacement, what a user would
+Each mutant replaces one snippet, found exactly once, in a copy of the working tree, then runs
+`python -m pytest -x -q -p no:cacheprovider <selection>` there for each of its test selections in turn:
+a failing run (or one past the time limit) kills it. The mutants live in .ci/mutants.json: file, original, replacement, what a user would
 get wrong, the tests that should catch it, and, for a mutant that changes nothing observable,
 `equivalent` with the reason (listed, not run).
 """
@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,30 +53,42 @@ def tracked_copy():
     return dest
 
 
+def pytest(selection, copy, timeout):
+    """One pytest run of a selection ('test_x.py::test_y ...' or 'test_x.py -k EXPR') in the copy:
+    -> (passed, the first failed test or pytest's last line)."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "mutants-jax-cache")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
+                           *shlex.split(selection)], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode == 5:  # nothing collected: a selection that names no test is the list's bug, not a kill
+        raise SystemExit(f"error: the selection {selection!r} collects no test")
+    failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    return proc.returncode == 0, failed[0] if failed else f"pytest exit {proc.returncode}: {last}"
+
+
 def run(mutant, copy, timeout):
-    """-> ('killed' | 'survived' | 'timeout', seconds, the test that failed or None)."""
+    """Each of the mutant's test selections in turn, until one fails:
+    -> ('killed' | 'survived' | 'timeout', seconds, the test that failed or None)."""
     path = os.path.join(copy, mutant["file"])
     with open(path) as f:
         source = f.read()
     with open(path, "w") as f:
         f.write(source.replace(mutant["original"], mutant["replacement"], 1))
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "mutants-jax-cache"),
-           "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "default")}
-    start = time.perf_counter()
+    start, outcome, failed = time.perf_counter(), "survived", None
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
-                               *mutant["tests"].split()], cwd=copy, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
-        outcome = "survived" if proc.returncode == 0 else "killed"
-        if proc.returncode not in (0, 1):  # 2-5: interrupted, internal or usage error, nothing collected
-            outcome, failed = "killed", [f"pytest exit {proc.returncode}: {proc.stdout.strip().splitlines()[-1:]}"]
+        for selection in mutant["tests"]:
+            passed, failed = pytest(selection, copy, timeout)
+            if not passed:
+                outcome = "killed"
+                break
+        else:
+            failed = None
     except subprocess.TimeoutExpired:
-        outcome, failed = "timeout", []
+        outcome = "timeout"
     finally:
         with open(path, "w") as f:
             f.write(source)
-    return outcome, time.perf_counter() - start, failed[0] if failed else None
+    return outcome, time.perf_counter() - start, failed
 
 
 def table(results):
@@ -115,7 +128,7 @@ def main(argv=None):
     if a.list:
         for m in mutants:
             print(f"{m['id']:3d} {m['file']:14s} {m['what']}\n    {m['original']!r} -> {m['replacement']!r}\n"
-                  f"    {'equivalent: ' + m['equivalent'] if m.get('equivalent') else 'tests: ' + m['tests']}")
+                  f"    {'equivalent: ' + m['equivalent'] if m.get('equivalent') else 'tests: ' + ' | '.join(m['tests'])}")
         return 0
     copy, results = tracked_copy(), []
     try:
