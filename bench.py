@@ -275,7 +275,8 @@ REMAT_POLICIES = {"input": None, "dots": "dots_with_no_batch_dims_saveable"}  # 
 
 def check_variant(v):
     """A ValueError for a part_train variant with an unknown key or value (a typo would time the default)."""
-    allowed = {"model": None, "dtype": ("float32", "bfloat16"), "chunk": None, "gates": ("einsum",),
+    allowed = {"model": None, "dtype": ("float32", "bfloat16"), "chunk": None, "scan": ("associative", "fused"),
+               "gates": ("einsum",),
                "remat": (*REMAT_POLICIES, "none"), "microbatch": None, "before": (True, False),
                "matmul_only": (True, False)}
     for k, value in v.items():
@@ -288,7 +289,8 @@ def part_train(a):
     """Training steps (batch a.batch x a.seq_len), one per variant in a.variants, each compiled under
     its own patches, then timed in alternation (round r times every variant once), so slow spells
     of this shared machine hit them alike and their ratios hold. Variant keys: model (Config
-    changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), gates
+    changes), dtype (train --dtype), chunk (pf.SCAN_CHUNK; 1 is the plain associative scan), scan (pf.SCAN:
+    associative | fused, the Pallas kernel), gates
     ("einsum": the RG-LRU's block-diagonal gates as batched block matmuls, block_diagonal_einsum), remat
     (a REMAT_POLICIES key, or "none": no remat), microbatch (rows per microbatch), before (CPU fixes
     off), matmul_only (strip_to_matmuls). A variant that
@@ -317,6 +319,8 @@ def part_train(a):
                     set_attr(train, "compiler_options", lambda: None)
                 if v.get("chunk"):
                     set_attr(pf, "SCAN_CHUNK", v["chunk"])
+                if v.get("scan"):  # the RG-LRU's training scan: associative, or the fused Pallas kernel
+                    set_attr(pf, "SCAN", v["scan"])
                 if v.get("gates") == "einsum":  # the RG-LRU gates as 32 batched block matmuls (before)
                     set_attr(pf, "block_diagonal", block_diagonal_einsum)
                 if v.get("remat") == "none":
@@ -457,14 +461,23 @@ def part_scan(a):
     chunked = lambda k: lambda a, b: pf.scan_associative(a, b, chunk=k)
     default = "plain" if pf.scan_chunk() == 1 else f"chunk_{pf.scan_chunk()}"  # the training path's scan
     sweep = (16, 64, 256) if a.device else ()
-    scans = {"plain": chunked(1), **{f"chunk_{k}": chunked(k) for k in sweep}, "seq": pf.scan_sequential}
+    scans = {"plain": chunked(1), **{f"chunk_{k}": chunked(k) for k in sweep}, "seq": pf.scan_sequential,
+             "fused": lambda a, b: pf.scan_fused(a, b, jnp.zeros_like(b[0]))}  # on a CPU: interpreted, not fast
     scans.setdefault(default, pf.scan_associative)  # each scan compiled and timed once
     for name, scan in scans.items():
         loss = lambda a, b: jnp.sum(jnp.abs(scan(a, b)) ** 2)
         _, out[name] = timed(jax.value_and_grad(loss, (0, 1)), a_.astype(jnp.complex64), b_.astype(jnp.complex64))
     out["assoc"] = out.pop(default) if not a.device and default != "plain" else out[default]
+    # The memory-bound time: forward and backward together must read a, b (forward), a, the cotangent and h
+    # (backward) and write h, both gradients: 8 arrays of S x B x N complex64, at the bandwidth of a copy
+    # of the same size measured here.
+    nbytes = 8 * a_.size * 8
+    _, copy_s = timed(lambda y: y * 2.0 + 1.0, a_.astype(jnp.complex64), repeats=5)  # reads once, writes once
+    bandwidth = 2 * a_.size * 8 / copy_s
     return {"scan_assoc_ms": 1000 * out["assoc"], "scan_plain_assoc_ms": 1000 * out["plain"],
             "scan_seq_ms": 1000 * out["seq"], "scan_assoc_over_seq": out["assoc"] / out["seq"],
+            "scan_fused_ms": 1000 * out["fused"], "scan_bytes_per_call": nbytes,
+            "scan_copy_gb_per_s": bandwidth / 1e9, "scan_memory_bound_ms": 1000 * nbytes / bandwidth,
             **{f"scan_{k}_ms": 1000 * v for k, v in out.items() if k.startswith("chunk_")}}
 
 

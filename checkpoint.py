@@ -33,6 +33,35 @@ def read_checkpoint(path):
     return json.loads(str(arrays.pop("__meta__"))), arrays
 
 
+def save_parts(prefix, state, meta, max_bytes):
+    """A state's arrays split over as few .npz files as keep each under max_bytes (PREFIX-1of2.npz, ...;
+    a lent machine brings back files of at most 16 MiB), each with the meta record. -> the paths."""
+    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
+    parts, size = [{}], 0
+    for key, a in arrays.items():
+        if parts[-1] and size + a.nbytes > max_bytes:
+            parts, size = parts + [{}], 0
+        parts[-1][key], size = a, size + a.nbytes
+    paths = [f"{prefix}-{i}of{len(parts)}.npz" for i in range(1, len(parts) + 1)]
+    for path, part in zip(paths, parts):
+        data.write_atomic(path, lambda f, part=part: np.savez(f, __meta__=np.array(json.dumps(meta)), **part))
+    return paths
+
+
+def read_parts(paths):
+    """(meta, {tree path: array}) of a state saved whole or in parts (save_parts): every part must hold
+    the same meta, and no array may come twice."""
+    meta, arrays = None, {}
+    for path in paths:
+        m, a = read_checkpoint(path)
+        if meta is not None and m != meta:
+            raise ValueError(f"{path} is a part of another checkpoint (its meta record differs)")
+        if set(a) & set(arrays):
+            raise ValueError(f"{path} repeats arrays of an earlier part: {sorted(set(a) & set(arrays))[:3]}")
+        meta, arrays = m, {**arrays, **a}
+    return meta, arrays
+
+
 def config_mismatch(saved, cfg):
     """Names of the model fields where a checkpoint's config differs from the requested one."""
     theirs = dataclasses.asdict(pf.Config(**saved))

@@ -780,18 +780,22 @@ def figure_spectrograms(audio, sample_rate, labels=None, title='Mel spectrograms
 
 
 def line_figure(panels, title):
-    """A column of line plots sharing nothing: panels [(xlabel, ylabel, series)], series
-    [{'label', 'x', 'y', optional 'alpha', 'marker', 'color'}]; a legend on every panel with more
-    than one series."""
+    """A column of line plots sharing nothing: panels [{'xlabel', 'ylabel', 'series', optional 'marks',
+    'xscale'}], series [{'label', 'x', 'y', optional 'alpha', 'marker', 'color'}], marks [(x, leg)]: a
+    dashed line where a warm-started leg of the run begins. A legend on every panel with more than one line."""
     fig = Figure(figsize=(8, 3.6 * len(panels)), layout='constrained')
-    for ax, (xlabel, ylabel, series) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+    for ax, panel in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        xlabel, ylabel, series, marks = panel['xlabel'], panel['ylabel'], panel['series'], panel.get('marks', [])
+        ax.set_xscale(panel.get('xscale', 'linear'))
         for s in series:
             ax.plot(s['x'], s['y'], label=s['label'], alpha=s.get('alpha', 1.0), marker=s.get('marker'),
                     color=s.get('color'), markersize=4)
+        for x, leg in marks:
+            ax.axvline(x, color='grey', linestyle='--', linewidth=1, label=f'leg {leg} begins (warm start)')
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) + len(marks) > 1:
             ax.legend()
     fig.suptitle(title)
     return fig
@@ -873,7 +877,7 @@ def read_log(run_dir):
 
 
 def figure_curves(records, title='Learning curves'):
-    """Training loss (per batch, faint, under its trailing mean over ~1/25 of the points) and
+    """Training loss (per batch, faint, under its trailing mean over ~sqrt(n) of its n points) and
     validation / test NLL (bits per sample, EMA weights) from a train.py log.jsonl's records:
     against wall-clock minutes (when the log has them) above, against the training step below."""
     panels = []
@@ -888,13 +892,14 @@ def figure_curves(records, title='Learning curves'):
             x, y = np.array(points, np.float64).T
             if key == 'loss_bits':
                 series += [{'label': label, 'x': x, 'y': y, 'alpha': 0.25, 'color': 'C0'},
-                           {'label': 'training loss, smoothed', 'x': x, 'y': smooth(y, max(1, len(y) // 25)),
+                           {'label': 'training loss, smoothed', 'x': x, 'y': smooth(y, round(math.sqrt(len(y)))),
                             'color': 'C0'}]
             else:
                 series.append({'label': label, 'x': x, 'y': y, 'marker': 'o',
                                'color': 'C1' if key == 'val_nll_bits' else 'C2'})
         if series:
-            panels.append((xlabel, 'bits per sample', series))
+            legs = [(r[x_key], r['leg']) for r in records if r.get('leg') and r.get(x_key) is not None]
+            panels.append({'xlabel': xlabel, 'ylabel': 'bits per sample', 'series': series, 'marks': legs})
     if not panels:
         raise ValueError('no loss_bits, val_nll_bits or test_nll_bits records')
     return line_figure(panels, title)
@@ -1085,6 +1090,29 @@ def compare_runs(run_dirs):
     return runs
 
 
+def figure_compare(run_dirs, labels=None):
+    """Validation NLL of train.py runs against wall-clock minutes and against the training tokens fed
+    (step x batch x sequence length, on a log scale): runs of any size side by side, e.g. the full-size
+    model on a GPU beside the CPU preset."""
+    by_minutes, by_tokens = [], []
+    for i, run in enumerate(run_dirs):
+        with open(os.path.join(run, 'config.json')) as f:
+            config = json.load(f)
+        per_step = config['train']['batch_size'] * config['data']['seq_len']
+        evals = np.array([(r['minutes'], r['step'] * per_step, r['val_nll_bits']) for r in read_log(run)
+                          if r.get('val_nll_bits') is not None and r.get('minutes') is not None], np.float64)
+        if not len(evals):
+            raise ValueError(f'{run}: no evaluation in its log.jsonl')
+        label = labels[i] if labels else run
+        by_minutes.append({'label': label, 'x': evals[:, 0], 'y': evals[:, 2], 'marker': 'o', 'color': f'C{i}'})
+        by_tokens.append({'label': label, 'x': evals[:, 1], 'y': evals[:, 2], 'marker': 'o', 'color': f'C{i}'})
+    return line_figure([{'xlabel': 'wall-clock minutes of training', 'ylabel': 'validation NLL (bits per sample)',
+                         'series': by_minutes},
+                        {'xlabel': 'training tokens (steps x batch x sequence length)',
+                         'ylabel': 'validation NLL (bits per sample)', 'series': by_tokens, 'xscale': 'log'}],
+                       'Validation NLL of the runs')
+
+
 def cmd_compare(args):
     runs = compare_runs(args.runs)
     f = lambda v, spec: '-' if v is None else format(v, spec)
@@ -1097,6 +1125,12 @@ def cmd_compare(args):
               f"{f(r['fid'], '.0f')} | {f(r['is'], '.2f')} |")
     if args.out:
         save_json(args.out, runs)
+    if args.figure:
+        try:
+            save_figure(figure_compare(args.runs, args.labels), args.figure)
+        except ValueError as e:
+            raise SystemExit(f'error: {e}')
+        print(f'wrote {args.figure}')
 
 
 def parse_args(argv=None):
@@ -1141,6 +1175,8 @@ def parse_args(argv=None):
                        'NLL at equal minutes and at equal steps, FID and IS of their quality reports')
     p.add_argument('runs', nargs='+', help='train.py run folders')
     p.add_argument('--out', default=None, help='also write the rows as JSON here')
+    p.add_argument('--figure', default=None, help='also draw their validation NLL against minutes and tokens (PNG)')
+    p.add_argument('--labels', nargs='+', default=None, help='the runs\' names in the figure (default: their folders)')
     p.set_defaults(run=cmd_compare)
     args = parser.parse_args(argv)
     for flag in ('steps', 'batch', 'clips'):

@@ -20,6 +20,7 @@ Tiers, bottom-up: scan math -> layers (dense, norms, RG-LRU, attention, pooling)
 """
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import math
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pallas_triton
 
 SILENCE = 128  # token of x = 0 under both 8-bit encodings; the input at position 0
 C = 8.0  # RG-LRU: log a_t = C r_t log sigmoid(Lambda) + ... (Griffin fixes c = 8)
@@ -38,6 +41,8 @@ GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R 
 HEADS = 4  # multi-query attention heads (deepest-level ablation)
 ROPE_WAVELENGTH = 32000.0  # rotary embeddings' longest wavelength: the author's models/attention/modules.py
 SCAN_CHUNK = None  # scan_associative: steps per chunk; None: 64 on a CPU, 1 (plain) on a GPU or TPU, see scan_chunk
+SCAN = "associative"  # the RG-LRU's training scan: associative | fused (a Pallas kernel, scan_fused; see SCANS)
+FUSED_STEPS, FUSED_LANES = 64, 32  # scan_fused: time steps and channels of one kernel program
 REMAT_POLICY = None  # jax.checkpoint policy of every ResBlock; None: save its input only (bench.py tries others)
 REMAT = True  # False: no jax.checkpoint at all, every activation kept for the backward pass (bench.py's "none")
 SQRT_MAX_GRAD = 200.0  # bound on d sqrt(x)/dx near x = 0 (the author's value)
@@ -190,6 +195,101 @@ def scan_sequential(a, b, h0=None):
     return jax.lax.scan(body, h0, (a, b))[1]
 
 
+def _fused_kernel(*refs, complex_rnn, reverse, carry_in):
+    """One program of scan_fused: FUSED_STEPS steps x FUSED_LANES channels of a and b (real, or complex as
+    real and imaginary planes). Forward: h = a h + b. Reverse (the backward pass, walking down): out = b + c,
+    c = a out. carry_in: start from the chunk's entering state (the next input) and write every step's
+    output; else start from 0 and write only the chunk's map: its product of a, and the state it reaches."""
+    n = 2 if complex_rnn else 1
+    a, b, rest = refs[:n], refs[n:2 * n], refs[2 * n:]
+    mul = (lambda x, y: (x[0] * y[0] - x[1] * y[1], x[0] * y[1] + x[1] * y[0])) if complex_rnn else \
+        (lambda x, y: (x[0] * y[0],))
+    add = lambda x, y: tuple(u + v for u, v in zip(x, y))
+    lanes = a[0].shape[1:]
+    zero, one = jnp.zeros(lanes, jnp.float32), jnp.ones(lanes, jnp.float32)
+    state = tuple(r[0, :] for r in rest[:n]) if carry_in else (zero,) * n
+    steps = a[0].shape[0]
+
+    def body(i, carry):
+        t = steps - 1 - i if reverse else i
+        state, prod = carry
+        at, bt = tuple(r[t, :] for r in a), tuple(r[t, :] for r in b)
+        out = add(bt, state) if reverse else add(mul(at, state), bt)
+        state = mul(at, out) if reverse else out
+        if carry_in:
+            for r, v in zip(rest[n:], out):
+                r[t, :] = v
+        return state, (prod if carry_in else mul(at, prod))
+
+    state, prod = jax.lax.fori_loop(0, steps, body, (state, (one, zero)[:n]))
+    if not carry_in:
+        for r, v in zip(rest, prod + state):  # the chunk's map: h -> prod h + state
+            r[0, :] = v
+
+
+def _fused_pass(a, b, h0, reverse):
+    """Along axis 0 of a, b (S, C), complex64 or float32: forward, h_t = a_t h_(t-1) + b_t from h0 (or 0);
+    reverse, d_t = b_t + a_(t+1) d_(t+1) from 0 past the end. Three passes, each reading a and b once:
+    every chunk's map (Pallas, all chunks at once), the state entering each chunk (an associative scan
+    over the S / FUSED_STEPS chunk maps), every chunk again from its entering state, writing the output."""
+    complex_rnn, (s, c) = jnp.iscomplexobj(a), a.shape
+    steps, lanes = FUSED_STEPS, FUSED_LANES
+    planes = (lambda x: [jnp.real(x), jnp.imag(x)]) if complex_rnn else (lambda x: [x])
+    join = (lambda v: jax.lax.complex(*v)) if complex_rnn else (lambda v: v[0])
+    pad = ((0, -s % steps), (0, -c % lanes))  # padded steps are identity maps (a = 1, b = 0)
+    a_p = [jnp.pad(v, pad, constant_values=one) for v, one in zip(planes(a), (1.0, 0.0))]
+    b_p = [jnp.pad(v, pad) for v in planes(b)]
+    n, (sp, cp) = len(a_p), a_p[0].shape
+    grid = (sp // steps, cp // lanes)  # program (k, j): the k-th chunk in processing order, channels j
+    rows = (lambda k, j: (grid[0] - 1 - k, j)) if reverse else (lambda k, j: (k, j))
+    block, one_row = pl.BlockSpec((steps, lanes), rows), pl.BlockSpec((1, lanes), lambda k, j: (k, j))
+    def call(carry_in, n_in, n_out, out_spec, rows_out):
+        kernel = lambda interpret: pl.pallas_call(
+            functools.partial(_fused_kernel, complex_rnn=complex_rnn, reverse=reverse, carry_in=carry_in), grid=grid,
+            in_specs=[block] * (2 * n) + [one_row] * n_in, out_specs=[out_spec] * n_out,
+            out_shape=[jax.ShapeDtypeStruct((rows_out, cp), jnp.float32)] * n_out, interpret=interpret,
+            compiler_params=pallas_triton.CompilerParams(num_warps=max(1, lanes // 32), num_stages=4))
+        # Lowered per platform: Triton on a GPU; a CPU interprets the kernel's own program (tests, not speed).
+        return lambda *args: jax.lax.platform_dependent(*args, cpu=kernel(True), default=kernel(False))
+
+    maps = call(False, 0, 2 * n, one_row, grid[0])(*a_p, *b_p)  # (chunks, C'): each chunk's map
+    total = jax.lax.associative_scan(scan_op, (join(maps[:n]), join(maps[n:])), axis=0)  # chunks 0..k composed
+    start = jnp.zeros((1, cp), total[1].dtype) if h0 is None else jnp.pad(h0.reshape(1, c), ((0, 0), (0, cp - c)))
+    entering = jnp.concatenate([start, total[0][:-1] * start + total[1][:-1]])  # the state entering chunk k
+    return join(call(True, n, n, block, sp)(*a_p, *b_p, *planes(entering)))[:s, :c]
+
+
+@jax.custom_vjp
+def scan_fused(a, b, h0):
+    """h_t = a_t h_(t-1) + b_t along axis 0 from h0, as scan_associative, in a fused Pallas kernel whose
+    passes read a and b and write h once each (the backward pass too: the transposed recurrence
+    d_t = g_t + a_(t+1) d_(t+1) run down the steps). a, b: (S, ...); h0: b's shape without S."""
+    s = a.shape[0]
+    return _fused_pass(a.reshape(s, -1), b.reshape(s, -1), h0.reshape(-1), False).reshape(b.shape)
+
+
+def _scan_fused_fwd(a, b, h0):
+    h = scan_fused(a, b, h0)
+    return h, (a, h, h0)
+
+
+def _scan_fused_bwd(res, g):
+    """JAX's cotangents transpose the linear map (no complex conjugate): d h_t / d b_t = 1, d h_t / d a_t =
+    h_(t-1), d h_t / d h_(t-1) = a_t."""
+    a, h, h0 = res
+    s = a.shape[0]
+    d = _fused_pass(a.reshape(s, -1), g.reshape(s, -1), None, True).reshape(g.shape)
+    return d * jnp.concatenate([h0[None], h[:-1]]), d, a[0] * d[0]
+
+
+scan_fused.defvjp(_scan_fused_fwd, _scan_fused_bwd)
+
+
+def scan(a, b):
+    """The RG-LRU's training recurrence from h = 0, in the form pf.SCAN names (the values are the same)."""
+    return scan_fused(a, b, jnp.zeros_like(b[0])) if SCAN == "fused" else scan_associative(a, b)
+
+
 @jax.custom_vjp
 def sqrt_bounded(x):
     """sqrt(x) whose derivative is capped at SQRT_MAX_GRAD (d sqrt/dx = 1/(2 sqrt x) blows up at |a| -> 1)."""
@@ -338,7 +438,7 @@ def rglru(p, x, complex_rnn):
     """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan (float32 inside,
     the result in x's dtype)."""
     a, b = rglru_coefficients(p, x, complex_rnn)
-    return rnn_output(scan_associative(a, b)).astype(x.dtype)
+    return rnn_output(scan(a, b)).astype(x.dtype)
 
 
 def rglru_step(p, h, x, complex_rnn):

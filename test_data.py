@@ -141,6 +141,26 @@ def test_write_wav_is_16_bit_mono_pcm_read_back_by_the_stdlib(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['a.wav', 'b.wav']                 # no temporary files left
 
 
+def test_write_wav_header_fields_are_those_of_16_bit_mono_pcm(tmp_path):
+    data.write_wav(tmp_path / 'a.wav', np.zeros(10), 22050)
+    raw = (tmp_path / 'a.wav').read_bytes()
+    tag, channels, rate, byte_rate, block, bits = struct.unpack('<HHIIHH', raw[20:36])
+    assert (tag, channels, rate, byte_rate, block, bits) == (1, 1, 22050, 44100, 2, 16)  # players trust byte_rate
+    assert struct.unpack('<I', raw[4:8])[0] == len(raw) - 8 and struct.unpack('<I', raw[40:44])[0] == 20
+
+
+def test_an_odd_sized_chunk_before_the_samples_is_skipped_with_its_pad_byte(tmp_path):
+    """RIFF pads a chunk of odd size with one byte (a LIST chunk of tags often has one): the reader steps
+    over it and reads the samples after it."""
+    pcm = np.array([100, -200, 300, -400], '<i2')
+    fmt = struct.pack('<HHIIHH', 1, 1, 16000, 32000, 2, 16)
+    body = (b'WAVE' + b'fmt ' + struct.pack('<I', 16) + fmt + b'LIST' + struct.pack('<I', 5) + b'INFOx' + b'\x00'
+            + b'data' + struct.pack('<I', pcm.nbytes) + pcm.tobytes())
+    (tmp_path / 'odd.wav').write_bytes(b'RIFF' + struct.pack('<I', len(body)) + body)
+    x, rate = data.read_wav(tmp_path / 'odd.wav')
+    assert rate == 16000 and (x * 32768).tolist() == pcm.tolist()
+
+
 @pytest.mark.parametrize('width, scale', [(1, 128), (2, 2**15), (3, 2**23), (4, 2**31)])
 def test_integer_pcm_of_every_width_and_stereo_is_converted_to_float(tmp_path, width, scale):
     rng = np.random.default_rng(width)
@@ -323,6 +343,12 @@ def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny
     assert len(reads) > 200
     assert third.validation.lengths[0] == 500
     assert (third.validation.tokens[0, :500] == data.mu_law_encode(np.linspace(-1, 1, 500))).all()
+    # a clip rewritten with the same size (re-recorded, re-synthesised) invalidates the cache too
+    data.write_wav(root / listed, np.linspace(1, -1, 500))
+    st = os.stat(root / listed)
+    os.utime(root / listed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, whatever the clock
+    fourth = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert (fourth.validation.tokens[0, :500] == data.mu_law_encode(np.linspace(1, -1, 500))).all()
 
 
 def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tiny, tmp_path, capsys, monkeypatch):
@@ -471,6 +497,9 @@ def test_batches_mask_real_tokens_and_reshuffle_each_epoch():
             order += rows
         orders.append(order)
     assert orders[0] != orders[1] != orders[2]
+    # each (seed, epoch) has its own order: seed 1's first epoch is not seed 0's second
+    first = lambda seed, epoch: [lookup[bytes(t)] for tokens, _ in data.batches(split, 5, seed, epoch) for t in tokens]
+    assert first(1, 0) != first(0, 1) and first(2, 0) != first(0, 2) and first(2, 0) != first(1, 1)
     seen = [lookup[bytes(t)] for tokens, mask in data.eval_batches(split, 5) for t, m in zip(tokens, mask) if m.any()]
     assert seen == list(range(23))                                    # every row once, in order, last batch padded
 
@@ -494,9 +523,12 @@ def test_offline_fails_with_one_message_naming_the_url_layout_and_builtin_set(tm
 
 
 def make_archive(tiny_root, members_extra=()):
+    """A small Speech Commands-like archive: directory entries (as the real one has), digit clips, a
+    non-digit folder, the two list files."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode='w:gz') as tar:
         for word in ('zero', 'one'):
+            tar.add(tiny_root / word, arcname=f'./{word}', recursive=False)  # the folder's own entry
             for name in sorted(os.listdir(tiny_root / word))[:3]:
                 tar.add(tiny_root / word / name, arcname=f'./{word}/{name}')
         for word in data.DIGITS[2:]:

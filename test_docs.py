@@ -4,6 +4,7 @@ compiles and names only functions the project has, the `python pf.py` lines that
 count print it, and the README stays a front door (at most ~15 KB)."""
 import ast
 import glob
+import importlib.util
 import os
 import re
 import shlex
@@ -21,10 +22,18 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = ["README.md", *sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md")))]
+def ci_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, ".ci", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 PARSE = {  # script -> its argument check (raises SystemExit on a bad command line)
     "train.py": lambda argv: train.check_config(*train.parse_args(argv)),
     "sample.py": sample.parse_args, "metrics.py": metrics.parse_args, "bench.py": bench.parse_args,
     "data.py": data.parse_args, "pf.py": pf.parse_args,
+    ".ci/full_size.py": ci_script("full_size").parse_args, ".ci/mutants.py": ci_script("mutants").parse_args,
 }
 MODULES = {"bench": bench, "checkpoint": checkpoint, "data": data, "metrics": metrics, "pf": pf, "sample": sample,
            "train": train}
@@ -54,7 +63,7 @@ def commands(text):
     for span in spans:
         span = span.split(" # ")[0].split("  #")[0]
         for part in re.split(r"&&|;|\bdo\b|\|", span):
-            m = re.search(r"\bpython (\w+\.py)\b(.*)", part)
+            m = re.search(r"\bpython ((?:\.ci/)?\w+\.py)\b(.*)", part)
             if not m or m.group(1) not in PARSE or "--help" in part or "$@" in part or "<" in part or "..." in part \
                     or re.search(r"\s\[", part):  # usage synopses ([--flag X], <0..3>, ...) and --help
                 continue

@@ -74,9 +74,17 @@ def test_learning_curves_show_the_smoothed_loss_over_the_raw_one_and_the_evaluat
         np.testing.assert_allclose(raw.get_xdata(), [r[x_key] for r in records[:50]])
         np.testing.assert_allclose(raw.get_ydata(), loss)
         assert raw.get_alpha() < 0.5 and smoothed.get_alpha() in (None, 1.0)  # faint under the smoothed line
-        np.testing.assert_allclose(smoothed.get_ydata(), [loss[max(0, i - 1):i + 1].mean() for i in range(50)])
+        np.testing.assert_allclose(smoothed.get_ydata(), [loss[max(0, i - 6):i + 1].mean() for i in range(50)])  # 7 ~ sqrt(50)
         np.testing.assert_allclose(lines["validation NLL (EMA)"].get_ydata(), [5.75, 4.5])
         np.testing.assert_allclose(lines["test NLL (EMA)"].get_xdata(), [r[x_key] for r in records[50:]])
+
+
+def test_learning_curves_mark_where_a_warm_started_leg_begins():
+    records = curve_records() + [{"step": 500, "minutes": 25.0, "leg": 2, "warm_start": ["ema-1of2.npz"]},
+                                 {"step": 510, "minutes": 25.5, "loss_bits": 3.0}]
+    for ax, x in zip(metrics.figure_curves(records).axes, (25.0, 500)):
+        (mark,) = [line for line in ax.get_lines() if line.get_label() == "leg 2 begins (warm start)"]
+        assert list(mark.get_xdata()) == [x, x]
 
 
 def test_learning_curves_without_minutes_draw_the_steps_only():
@@ -128,3 +136,25 @@ def test_figures_command_draws_learning_curves_from_the_log(tmp_path, monkeypatc
     metrics.main(["figures", "--checkpoint", str(tmp_path)])
     assert drawn == [(records, f"Learning curves: {tmp_path}")]
     assert matplotlib.image.imread(str(tmp_path / "curves.png")).shape[2] == 4
+
+
+def test_compare_figure_puts_runs_of_any_size_on_minutes_and_tokens(tmp_path):
+    """`metrics.py compare RUN... --figure`: each run's validation NLL against minutes and against the
+    tokens fed (step x batch x sequence length, log scale), labelled as asked."""
+    runs = {"gpu": (32, 16000, [(200, 3.0, 5.0), (400, 5.0, 4.5)]), "cpu": (4, 16000, [(250, 2.5, 5.6)])}
+    for name, (batch, seq_len, evals) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"model": {}, "train": {"batch_size": batch}, "data": {"seq_len": seq_len}}))
+        records = [{"step": s, "minutes": m, "val_nll_bits": v, "test_nll_bits": v + 0.1} for s, m, v in evals]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = str(tmp_path / "cmp.png")
+    metrics.main(["compare", str(tmp_path / "gpu"), str(tmp_path / "cpu"), "--figure", out,
+                  "--labels", "thesis baseline, H100", "CPU preset"])
+    assert matplotlib.image.imread(out).shape[2] == 4
+    by_minutes, by_tokens = metrics.figure_compare([str(tmp_path / "gpu"), str(tmp_path / "cpu")], ["a", "b"]).axes
+    assert by_tokens.get_xscale() == "log" and by_tokens.get_xlabel().startswith("training tokens")
+    (a_min, b_min), (a_tok, b_tok) = by_minutes.get_lines(), by_tokens.get_lines()
+    assert list(a_min.get_xdata()) == [3.0, 5.0] and list(a_min.get_ydata()) == [5.0, 4.5]
+    assert list(a_tok.get_xdata()) == [200 * 32 * 16000, 400 * 32 * 16000] and list(b_tok.get_xdata()) == [250 * 4 * 16000]
+    assert [t.get_text() for t in by_tokens.get_legend().get_texts()] == ["a", "b"]

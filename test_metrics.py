@@ -610,6 +610,41 @@ def test_figures_command_reads_a_train_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- sanity on the built-in digits
 
+def test_train_classifier_command_selects_on_validation_and_keeps_training_set_statistics(tiny_data_dir, tmp_path,
+                                                                                          monkeypatch):
+    """`metrics.py train-classifier`, its training stubbed (one fixed classifier): it is trained on the
+    training split's decoded audio and selected on the validation split's images; the FID / AM reference
+    statistics it saves are those of the training split's features, and its held-out row the test split's."""
+    ds = data.load('sc09-espeak', data_dir=tiny_data_dir, size='tiny')
+    audio = lambda split: np.where(np.arange(16000) < split.lengths[:, None], data.decode(split.tokens, ds.encoding),
+                                   0.0).astype(np.float32)  # each clip's decoded tokens, its padding silent
+    params, seen = metrics.classifier_init(jax.random.key(0), n_classes=10), {}
+
+    def fake_train(key, train_audio, train_labels, val_images, val_labels, **kw):
+        seen.update(train_audio=train_audio, train_labels=train_labels, val_images=val_images, val_labels=val_labels)
+        return params, {'best_step': 1, 'val_acc': 0.5}
+    monkeypatch.setattr(metrics, 'train_classifier', fake_train)
+    out = str(tmp_path / 'cls')
+    metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', tiny_data_dir,
+                  '--steps', '1', '--out', out])
+    np.testing.assert_array_equal(seen['train_audio'], audio(ds.train))
+    np.testing.assert_array_equal(seen['val_images'], metrics.mel_features(audio(ds.validation)))
+    np.testing.assert_array_equal(seen['val_labels'], ds.validation.labels)
+    _, config, stats = metrics.load_classifier(out)
+    feats, probs = metrics.classify(params, metrics.mel_features(audio(ds.train)))
+    np.testing.assert_allclose(stats['mu'], feats.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats['mean_probs'], probs.mean(0), rtol=1e-5)
+    held_out = metrics.scores(params, stats, audio(ds.test))
+    assert abs(config['reference_scores']['held-out test clips']['fid'] - held_out['fid']) < 1e-6 * (1 + held_out['fid'])
+    # and a classifier trained into DATA_DIR is the one every command uses, before the shipped one
+    data_dir = str(tmp_path)
+    os.rename(out, os.path.join(data_dir, 'classifier-sc09-espeak'))
+    assert metrics.find_classifier('sc09-espeak', data_dir) == os.path.join(data_dir, 'classifier-sc09-espeak')
+    assert metrics.find_classifier('sc09-espeak', str(tmp_path / 'nothing')) == os.path.join(
+        metrics.SHIPPED_CLASSIFIERS, 'sc09-espeak')
+    assert metrics.find_classifier('sc09', str(tmp_path / 'nothing')) is None
+
+
 def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tiny_data_dir):
     """Issue item 3 in miniature (the full-size numbers are in the README): a classifier trained
     briefly on the 'tiny' built-in set (160 clips) already scores its held-out clips far better than

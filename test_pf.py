@@ -111,6 +111,64 @@ def test_associative_scan_equals_sequential_scan(length, complex_rnn, near_one, 
     assert_close(gb, sb, 1e-4 * gtol, "grad b")
 
 
+@settings(max_examples=8, deadline=None)
+@given(length=st.one_of(st.integers(1, 40), st.sampled_from([63, 65, 1021])), batch=st.sampled_from([1, 3]),
+       complex_rnn=st.booleans(), near=st.sampled_from(["one", "zero", "mid"]), with_h0=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_fused_kernel_equals_sequential_scan_in_values_and_gradients(length, batch, complex_rnn, near, with_h0, seed):
+    """pf.scan_fused (the Pallas kernel, interpreted on a CPU): lengths its 64-step chunks do not divide,
+    batch 1, real and complex, |a| near 1 and near 0, with and without a start state; values and the
+    gradients of a, b and h0 (its own backward kernel) against the sequential scan's."""
+    rng = np.random.default_rng(seed)
+    shape = (length, batch, 24)  # 24 channels: not a multiple of the kernel's 32 lanes either
+    mag = {"one": 1 - rng.uniform(0, 1e-3, shape), "zero": rng.uniform(0, 1e-2, shape), "mid": rng.uniform(0.3, 1, shape)}[near]
+    a = mag * np.exp(1j * rng.uniform(-np.pi, np.pi, shape)) if complex_rnn else mag
+    b = rng.normal(size=shape) + (1j * rng.normal(size=shape) if complex_rnn else 0)
+    h0 = b[0] * 0.7 if with_h0 else np.zeros_like(b[0])
+    dtype = jnp.complex64 if complex_rnn else jnp.float32
+    a, b, h0 = (jnp.asarray(v, dtype) for v in (a, b, h0))
+    w = jnp.asarray(rng.normal(size=shape), jnp.float32)  # a loss that weighs every output differently
+
+    def grads(scan):
+        loss = lambda a, b, h0: jnp.sum(w * jnp.abs(scan(a, b, h0)) ** 2)
+        return jax.jit(lambda a, b, h0: (scan(a, b, h0), jax.grad(loss, (0, 1, 2))(a, b, h0)))(a, b, h0)
+    fused, (ga, gb, gh) = grads(pf.scan_fused)
+    ref, (ra, rb, rh) = grads(pf.scan_sequential)
+    scale = max(float(jnp.max(jnp.abs(ref))), 1.0)
+    assert_close(fused, ref, 1e-5 * scale, "values")
+    gscale = max(float(jnp.max(jnp.abs(ra))), float(jnp.max(jnp.abs(rb))), 1.0)
+    for got, want, what in ((ga, ra, "grad a"), (gb, rb, "grad b"), (gh, rh, "grad h0")):
+        assert_close(got, want, 2e-5 * gscale, what)
+
+
+def test_fused_kernel_runs_a_whole_clip_and_lowers_to_triton_for_a_gpu():
+    """16,000 steps (the baseline's full rate) in values and gradients; and the CUDA lowering of the
+    training-step form holds Triton kernels, two per pass (a CPU can check that much of the GPU path)."""
+    a, b, _ = random_recurrence(3, 16000, True, True)
+    h0 = jnp.zeros_like(b[0])
+    (_, fused), (ga, gb) = scan_value_and_grad(pf.scan_fused)(a, b, h0)
+    (_, ref), (ra, rb) = scan_value_and_grad(pf.scan_sequential)(a, b, h0)
+    assert_close(fused, ref, 1e-4 * float(jnp.max(jnp.abs(ref))), "values")
+    gscale = float(jnp.max(jnp.abs(ra)))
+    assert_close(ga, ra, 1e-4 * gscale, "grad a")
+    assert_close(gb, rb, 1e-4 * gscale, "grad b")
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    f = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(jnp.abs(pf.scan_fused(a, b, jnp.zeros_like(b[0]))) ** 2), (0, 1)))
+    exported = jax.export.export(f, platforms=["cuda"], disabled_checks=[triton])(a[:256], b[:256])
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4  # forward 2 passes, backward 2
+
+
+def test_the_training_scan_is_the_one_pf_scan_names(monkeypatch):
+    a, b, _ = random_recurrence(4, 100, True, False)
+    calls = []
+    monkeypatch.setattr(pf, "scan_fused", lambda a, b, h0: calls.append("fused") or pf.scan_sequential(a, b, h0))
+    monkeypatch.setattr(pf, "scan_associative", lambda a, b: calls.append("associative") or pf.scan_sequential(a, b))
+    for name in ("associative", "fused"):
+        monkeypatch.setattr(pf, "SCAN", name)
+        assert_close(pf.scan(a, b), pf.scan_sequential(a, b), 0, name)
+    assert calls == ["associative", "fused"]
+
+
 def test_scan_chunk_default_follows_the_backend(monkeypatch):
     """64-step blocks on a CPU, the plain associative scan on a GPU or TPU (bench.py measured each on
     its own kind of machine), pf.SCAN_CHUNK over both."""
@@ -202,6 +260,43 @@ def test_sinusoidal_embedding_is_thesis_eq_4_1_and_4_2():
     assert_close(pf.embedding({}, jnp.asarray(q), cfg), expected, 1e-4, "embedding")
 
 
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def layer_norm_np(p, x):
+    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + pf.NORM_EPS)
+    return y * np.asarray(p["scale"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_res_block_is_figure_3_4_written_out(gated):
+    """x + Dense_out(branch(Norm(x)) * gelu(Dense_gate(Norm(x)))), or x + Dense_out(gelu(branch(Norm(x))))
+    without the gate, in NumPy, on perturbed parameters (no zero bias, no unit scale)."""
+    cfg = pf.Config(pooling=(), layers=(1,), gated=gated, **SMALL)
+    p = perturbed(pf.res_block_init(jax.random.key(0), cfg, "mlp", 0.5))
+    x = jax.random.normal(jax.random.key(1), (5, 2, 16))
+    got, _ = pf.res_block(p, x, cfg, pf.mlp_branch)
+    w = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    dense = lambda q, v: v @ q["w"] + q["b"]
+    x = np.asarray(x, np.float64)
+    y = layer_norm_np(w["norm"], x)
+    z = dense(w["branch"]["dense"], y)
+    z = z * gelu_tanh(dense(w["gate"], y)) if gated else gelu_tanh(z)
+    assert_close(got, x + dense(w["out"], z), 1e-5, "ResBlock")
+
+
+def test_head_is_a_float32_layer_norm_then_the_dense_to_v_logits():
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), **SMALL)
+    params = perturbed(init(jax.random.key(0), cfg))
+    h = jax.random.normal(jax.random.key(1), (3, 16)).astype(jnp.bfloat16)  # a bf16 activation
+    got = pf.head(params, h)
+    w = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    want = layer_norm_np(w["norm"], np.asarray(h, np.float64)) @ w["head"]["w"] + w["head"]["b"]
+    assert got.dtype == jnp.float32 and got.shape == (3, 256)
+    assert_close(got, want, 1e-4, "head")
+
+
 def test_layer_norm_and_rms_norm_match_formulas():
     x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32) * 3 + 1
     p = {"scale": np.linspace(0.5, 2, 16, dtype=np.float32), "bias": np.ones(16, np.float32)}
@@ -219,6 +314,22 @@ def random_tokens(seed, batch, length):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256)
 
 
+def perturbed(params, seed=7, size=0.05):
+    """Parameters a fresh init would not give: every leaf moved by N(0, size^2) noise, so biases are off
+    zero, norm scales off one, and every term of every path counts. An equivalence test on a fresh init
+    cannot see a dropped bias (it is zero there); on these it can."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + size * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def test_perturbed_moves_every_leaf_off_its_init():
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), **SMALL)
+    params = init(jax.random.key(0), cfg)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).min()), params, perturbed(params))
+    assert min(jax.tree.leaves(moved)) > 0  # no leaf kept its init value anywhere (zero biases, unit scales)
+
+
 @settings(max_examples=6, deadline=None)
 @given(pooling=st.lists(st.integers(1, 4), min_size=0, max_size=3), data=st.data(),
        skip=st.sampled_from(["short", "long"]), placement=st.sampled_from(["around", "after"]),
@@ -228,7 +339,7 @@ def test_causality_changing_token_t_leaves_earlier_logits_unchanged(pooling, dat
     cfg = pf.Config(pooling=pooling, layers=layers, skip=skip, placement=placement, complex_rnn=complex_rnn,
                     scale=0.5, **SMALL)  # scale 0.5: every branch visibly contributes at init
     length = math.prod(pooling) * data.draw(st.integers(2, 4))
-    params = init(jax.random.key(data.draw(st.integers(0, 99))), cfg)
+    params = perturbed(init(jax.random.key(data.draw(st.integers(0, 99))), cfg))
     x = random_tokens(0, 2, length)
     y = apply(params, x, cfg)
     for t in data.draw(st.lists(st.integers(0, length - 2), min_size=1, max_size=3, unique=True)):
@@ -239,7 +350,7 @@ def test_causality_changing_token_t_leaves_earlier_logits_unchanged(pooling, dat
 
 def test_causality_with_attention_at_the_deepest_level():
     cfg = pf.Config(pooling=(2, 2), layers=(1, 1, 1), deepest="attention", scale=0.5, **SMALL)
-    params = init(jax.random.key(0), cfg)
+    params = perturbed(init(jax.random.key(0), cfg))
     x = random_tokens(1, 2, 16)
     for t in (0, 5, 11):
         x2 = x.at[:, t].set((x[:, t] + 50) % 256)
@@ -266,10 +377,11 @@ def step_logits(params, cfg, x, state=None):
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "baseline-shaped")
 def test_step_by_step_equals_parallel_forward(changes):
     cfg = pf.Config(pooling=(2, 3, 2), layers=(1, 1, 1, 1), scale=0.5, **{**SMALL, **changes})
-    params = init(jax.random.key(0), cfg)
+    params = perturbed(init(jax.random.key(0), cfg))  # zero biases at init would hide a bias dropped by step
     x = random_tokens(2, 2, 36)
     stepped, state = step_logits(params, cfg, x)
-    assert_close(stepped, apply(params, x, cfg), 2e-5, "step vs apply")
+    full = apply(params, x, cfg)
+    assert_close(stepped, full, 2e-5 * max(1.0, float(jnp.abs(full).max())), "step vs apply")  # float32 rounding
     assert int(state["pos"]) == 36
 
 
@@ -316,11 +428,18 @@ def test_default_scale_is_one_over_branches_into_the_stream():
     # Tolerance: 5 standard errors of a sample standard deviation, 5 / sqrt(2 n) relative (a normal's;
     # the truncated normal's is smaller): 1.1-1.6% for the 49k-98k Dense_out weights, where 12
     # branches instead of 13 would be 4.1% off. The up-pool's 256 weights only allow 22%.
+    # The down-pool is not a branch into a stream: LeCun normal (scale 1), n_in = F D/G = 2.
     for w, n_in, branches in [(outer["before"]["mlp"]["out"]["w"], 256, 13), (outer["after"]["temporal"]["out"]["w"], 128, 13),
-                              (deepest["mlp"]["out"]["w"], 256, 4), (outer["up_pool"]["w"], 2, 13)]:
+                              (deepest["mlp"]["out"]["w"], 256, 4), (outer["up_pool"]["w"], 2, 13),
+                              (outer["down_pool"]["w"], 2, 1)]:
         expected = math.sqrt(1 / branches / n_in)
         tol = 5 / math.sqrt(2 * w.size)
         assert abs(float(jnp.std(w)) / expected - 1) < tol, (w.shape, float(jnp.std(w)), expected, tol)
+
+
+def test_learned_embedding_table_starts_at_unit_norm_rows():
+    table = pf.embedding_init(jax.random.key(0), pf.Config(embedding="learned"))["table"]  # (256, 128)
+    assert abs(float(jnp.std(table)) * math.sqrt(128) - 1) < 5 / math.sqrt(2 * table.size)  # std 1/sqrt(D)
 
 
 # ---------------------------------------------------------------- dropout
@@ -337,6 +456,22 @@ def test_dropout_only_with_a_key():
     a, b = apply(params, x, cfg, key=jax.random.key(1)), apply(params, x, cfg, key=jax.random.key(2))
     assert_close(apply(params, x, cfg, key=jax.random.key(1)), a, 0, "one key, one set of masks")
     assert float(jnp.max(jnp.abs(a - b))) > 1e-3 and float(jnp.max(jnp.abs(a - plain))) > 1e-3
+
+
+def test_every_resblock_draws_a_mask_of_its_own(monkeypatch):
+    """Two layers before the pooling, two after, two at the deepest level: 12 ResBlocks, 12 different
+    masks (the temporal and MLP blocks of a layer, and the layers before and after, share no key)."""
+    cfg = pf.Config(pooling=(2,), layers=(2, 2), d_model=16, d_rnn=64, dropout=0.5)
+    params, seen, draw = init(jax.random.key(0), cfg), [], pf.dropout_mask
+
+    def recording(key, rate, shape):
+        keep = draw(key, rate, shape)
+        jax.debug.callback(lambda k: seen.append(np.asarray(k).tobytes()), keep)
+        return keep
+    monkeypatch.setattr(pf, "dropout_mask", recording)
+    jax.block_until_ready(pf.apply(params, random_tokens(0, 2, 8), cfg, key=jax.random.key(1)))
+    jax.effects_barrier()
+    assert len(seen) == 12 and len(set(seen)) == 12
 
 
 def test_dropout_masks_are_drawn_once_outside_the_rematerialised_blocks():

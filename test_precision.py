@@ -10,8 +10,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import pf
+import sample
 import train
 from test_bench import inner_jaxprs
+from test_pf import perturbed
 
 BF16 = jnp.bfloat16
 SMALL = dict(d_model=32, d_rnn=64, dropout=0.0)
@@ -58,6 +60,17 @@ def test_bf16_model_runs_its_matmuls_in_bf16_and_keeps_norms_head_and_state_floa
     rsqrts = [e for e in eqns if e.primitive.name == "rsqrt"]
     assert len(rsqrts) == 2 * 3 + 1 and all(float_dtypes(e) == {"float32"} for e in rsqrts)
     assert jax.eval_shape(lambda: pf.apply(params, x, cfg, dtype=BF16)).dtype == jnp.float32
+    # the parameters a bf16 forward computes with: float32 in the RG-LRU, the norms and the head
+    cast = pf.compute_params(params, BF16)
+    assert cast["head"]["w"].dtype == cast["norm"]["scale"].dtype == jnp.float32
+    assert cast["skip_block"]["before"]["temporal"]["branch"]["rglru"]["lambda_"].dtype == jnp.float32
+    assert cast["skip_block"]["before"]["temporal"]["branch"]["dense_in"]["w"].dtype == BF16
+    # a real RG-LRU's state stays float32 too, and step returns the state types it was given
+    real = dataclasses.replace(cfg, complex_rnn=False)
+    state = pf.init_state(real, 2, 8, dtype=BF16)
+    assert state["skip_block"]["before"].dtype == jnp.float32
+    new = jax.eval_shape(lambda: pf.step(pf.init(jax.random.key(0), real), state, jnp.zeros((2,), jnp.int32), real, BF16))[1]
+    assert jax.tree.map(lambda a: a.dtype, new) == jax.tree.map(lambda a: a.dtype, state)
     # the recurrence state stays complex64 while the pooling buffers take the compute dtype
     state = pf.init_state(cfg, 2, 8, dtype=BF16)
     assert state["skip_block"]["before"].dtype == jnp.complex64
@@ -67,13 +80,24 @@ def test_bf16_model_runs_its_matmuls_in_bf16_and_keeps_norms_head_and_state_floa
     assert jax.tree.map(lambda a: a.dtype, new) == jax.tree.map(lambda a: a.dtype, state)
 
 
+def test_bf16_sampler_runs_every_level_in_bf16():
+    """sample.generate(dtype=bfloat16): the pooled levels' buffers hold bf16, so every level's matmuls run in
+    bf16 as apply's do; float32 only in the RG-LRU's gates (2 per temporal block, 3 blocks) and the head."""
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), **SMALL)
+    params = pf.init(jax.random.key(0), cfg)
+    run = lambda p: sample.generate(p, cfg, jax.random.key(0), jnp.zeros((2, 8), jnp.int32), 0, dtype="bfloat16")
+    dots = [e for e in equations(jax.make_jaxpr(run)(params).jaxpr) if e.primitive.name == "dot_general"]
+    kinds = [tuple(sorted({str(v.aval.dtype) for v in e.invars})) for e in dots]
+    assert kinds.count(("float32",)) == 3 * 2 + 1 and kinds.count(("bfloat16",)) + 7 == len(kinds), kinds
+
+
 @pytest.mark.parametrize("deepest", ["rglru", "attention"])
 def test_step_equals_apply_in_bf16(deepest):
     """Both paths round differently (other op orders and shapes), so they agree only to bf16's
     precision: the logits here are O(1-5), and each path lands within ~0.05 of the float32 result.
     A wrong state, offset or pooling buffer moves them by O(1)."""
     cfg = pf.Config(pooling=(2, 3), layers=(1, 1, 1), scale=0.5, deepest=deepest, **SMALL)
-    params = pf.init(jax.random.key(0), cfg)
+    params = perturbed(pf.init(jax.random.key(0), cfg))  # biases off zero: a bias step drops would show
     x = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
     full32 = pf.apply(params, x, cfg)
     full16 = pf.apply(params, x, cfg, dtype=BF16)

@@ -2,12 +2,14 @@
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checkpoint
 import data
 import pf
 import sample
@@ -42,7 +44,8 @@ def test_free_running_sampler_draws_from_the_parallel_forward_distribution(param
     (1) every token whose expected count is >= 20 at a position is drawn as often as expected;
     (2) the mean probability of the drawn tokens is sum_v p_v^2, as for draws from p itself (a
     flatter or sharper distribution, or p of another position, moves it: temperature 1.1 is 7 standard
-    errors off). Both within 5 standard errors. The sampler's own log-probabilities equal apply's."""
+    errors off); (3) repeats of the previous token. Each within 5 standard errors. The sampler's own
+    log-probabilities equal apply's."""
     n, length = 2048, 6
     tokens, logp = jax.jit(lambda k: sample.generate(params, CFG, k, jnp.zeros((n, length), jnp.int32), 0))(
         jax.random.key(1))
@@ -55,6 +58,13 @@ def test_free_running_sampler_draws_from_the_parallel_forward_distribution(param
     p_drawn, sum_p2 = (drawn * p).sum(-1), (p**2).sum(-1)
     z_sharp = (p_drawn - sum_p2).sum() / np.sqrt(((p**3).sum(-1) - sum_p2**2).sum())
     assert abs(z_sharp) < 5, z_sharp
+    # (3) a token repeats its predecessor as often as p gives the predecessor (each step draws afresh: noise
+    # reused across steps would repeat the last token far more often, with every marginal still right)
+    tokens_np = np.asarray(tokens)
+    p_repeat = np.take_along_axis(p[:, 1:], tokens_np[:, :-1, None], -1)[..., 0]  # p_t(x_(t-1) | prefix)
+    repeats = (tokens_np[:, 1:] == tokens_np[:, :-1]).sum()
+    z_repeat = (repeats - p_repeat.sum()) / np.sqrt((p_repeat * (1 - p_repeat)).sum())
+    assert abs(z_repeat) < 5, z_repeat
     np.testing.assert_allclose(logp, np.log(p_drawn), atol=2e-5)
 
 
@@ -98,7 +108,7 @@ def test_same_seed_same_samples_different_seed_different_samples(run_dir, tmp_pa
     wav = lambda name, i: open(os.path.join(outs[name], f"sample_{i:03d}.wav"), "rb").read()
     assert all(wav("a", i) == wav("b", i) for i in range(3))
     assert all(wav("a", i) != wav("c", i) for i in range(3))
-    assert wav("a", 0) != wav("a", 1)  # clips in a batch differ too
+    assert len({wav("a", i) for i in range(3)}) == 3  # clips differ within a batch and across batches
 
 
 def test_wavs_are_16khz_mono_16bit_of_the_right_length_and_decode_the_tokens(run_dir, tmp_path, params):
@@ -154,3 +164,71 @@ def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_
 def test_sequence_length_must_fit_the_pooling(run_dir, tmp_path):
     with pytest.raises(SystemExit, match="not divisible by the pooling product 2\\*3 = 6"):
         sample.main(["--checkpoint", run_dir, "--n", "1", "--out", str(tmp_path), "--seq-len", "25"])
+
+
+def test_log_probabilities_are_the_models_own_at_any_temperature_and_top_p(params):
+    """samples.json's NLL and --generate's ranking rate a clip under the model itself, not under the
+    tempered, nucleus-filtered distribution it was drawn from."""
+    tokens, logp = jax.jit(lambda k: sample.generate(params, CFG, k, jnp.zeros((4, LENGTH), jnp.int32), 0,
+                                                     temperature=0.6, top_p=0.7))(jax.random.key(4))
+    np.testing.assert_allclose(logp, model_logp(params, tokens), atol=2e-5)
+
+
+def test_a_clips_nll_is_the_mean_over_its_generated_tokens_only(run_dir, tmp_path, params):
+    """A 10-token prompt, 14 generated: each clip's NLL in samples.json is -mean log2 p of the 14."""
+    prompt = np.full(LENGTH, pf.SILENCE, np.int32)
+    prompt[:10] = np.arange(10) * 25
+    cfg, p, meta = checkpoint.load_model(run_dir)
+    out = str(tmp_path / "nll")
+    sample.write_samples(cfg, p, meta, out, 2, batch_size=2, prompt=prompt, prompt_len=10)
+    _, logp = sample.generate(params, CFG, jax.random.fold_in(jax.random.key(0), 0), np.tile(prompt, (2, 1)), 10)
+    want = -np.asarray(logp)[:, 10:].mean(1) / np.log(2)
+    np.testing.assert_allclose([r["nll_bits"] for r in read_clips(out)[0]], want, rtol=1e-5)
+
+
+def test_a_prompt_is_resampled_to_16khz_and_cut_to_leave_a_token_to_sample(tmp_path):
+    path = str(tmp_path / "p.wav")
+    audio = (0.5 * np.sin(2 * np.pi * 440 * np.arange(80) / 8000)).astype(np.float32)
+    data.write_wav(path, audio, 8000)
+    tokens, n = sample.prompt_tokens(path, "mu-law", 1000)
+    resampled = data.resample(data.read_wav(path)[0], 8000, 16000)
+    assert n == len(resampled) == 160
+    np.testing.assert_array_equal(tokens, data.encode(resampled, "mu-law"))
+    tokens, n = sample.prompt_tokens(path, "mu-law", 100)  # longer than the clip: all but the last token
+    assert n == len(tokens) == 99
+
+
+@pytest.mark.parametrize("encoding,rate", [("linear", 16000), ("bytes", 0)])
+def test_clips_are_decoded_with_the_runs_own_encoding(params, tmp_path, encoding, rate):
+    """A linear-coded run (Beethoven) decodes with the linear code; a byte-stream run (no sample rate)
+    writes its bytes as 16 kHz audio, byte / 127.5 - 1."""
+    meta = {"step": 0, "data": {"name": "x", "encoding": encoding, "sample_rate": rate, "seq_len": LENGTH}}
+    out = str(tmp_path / encoding)
+    sample.write_samples(CFG, params, meta, out, 2, batch_size=2)
+    tokens, _ = sample.generate(params, CFG, jax.random.fold_in(jax.random.key(0), 0),
+                                jnp.full((2, LENGTH), pf.SILENCE, jnp.int32), 0)
+    tokens = np.asarray(tokens)
+    want = data.decode(tokens, "linear") if encoding == "linear" else tokens / 127.5 - 1
+    for (audio, got_rate), expected in zip(read_clips(out)[1], want):
+        assert got_rate == 16000
+        np.testing.assert_allclose(audio, expected, atol=2 / 32768)
+
+
+def test_digit_guesses_are_each_clips_most_likely_digit(monkeypatch):
+    probs = np.full((3, 10), 0.01)
+    probs[0, 7], probs[1, 2], probs[2, 9] = 0.91, 0.6, 0.55
+    monkeypatch.setattr(sample.metrics, "find_classifier", lambda name, data_dir: "cls")
+    monkeypatch.setattr(sample.metrics, "load_classifier", lambda folder: (None, None, None))
+    monkeypatch.setattr(sample.metrics, "classify", lambda params, images: (None, probs))
+    meta = {"train": {"data_dir": "data"}, "data": {"name": "sc09-espeak"}}
+    guesses = sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 16000)
+    assert guesses == [("seven", 0.91), ("two", 0.6), ("nine", 0.55)]
+    assert sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 8000) is None  # not the classifier's rate
+
+
+@pytest.mark.parametrize("flags,words", [(["--temperature", "0"], "--temperature must be > 0"),
+                                          (["--top-p", "0"], "--top-p in (0, 1]"),
+                                          (["--generate", "1", "--n", "2"], "--generate 1 must be at least --n 2")])
+def test_bad_sampling_flags_are_refused(flags, words):
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        sample.parse_args(["--checkpoint", "x", "--out", "y", *flags])

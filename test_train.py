@@ -1,12 +1,14 @@
 """train.py: learning, multi-device and multi-process equivalence, accumulation, crash safety,
 config mismatch and NaN handling, on a tiny model and the tiny built-in dataset."""
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import jax
@@ -16,6 +18,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import checkpoint
 import data
 import pf
 import sample
@@ -449,6 +452,163 @@ def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(
                      (curves, [3.0, 2.0, 1.0], 3)]
 
 
+def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_a_resume(
+        data_dir, tmp_path, monkeypatch):
+    """With the step and the evaluation stubbed: each evaluation logs validation's NLL as val_nll_bits and
+    the test split's as test_nll_bits (each split's own fingerprint); tokens_per_s is the batch's real
+    tokens over the step's time; a resumed run's minutes go on from the checkpoint's."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    fingerprint = lambda split: float(split.tokens[:2, :40].sum())
+
+    def make_evaluate(cfg, mesh, dtype="float32"):
+        return lambda params, split, batch_size: fingerprint(split)
+    stub_training(monkeypatch, [])
+    monkeypatch.setattr(train, "make_evaluate", make_evaluate)
+    out = str(tmp_path / "logged")
+    assert train.main(args(data_dir, out, "--steps", "4", "--eval-every", "2")) == 0
+    first = log_records(out)
+    assert train.main(args(data_dir, out, "--steps", "6", "--eval-every", "2", "--resume")) == 0
+    records = log_records(out)
+    evals = [r for r in records if "val_nll_bits" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(r["val_nll_bits"] == fingerprint(ds.validation) and r["test_nll_bits"] == fingerprint(ds.test)
+               for r in evals) and fingerprint(ds.validation) != fingerprint(ds.test)
+    steps = [r for r in records if "loss_bits" in r]
+    real = [int(mask.sum()) for _, mask in data.batches(ds.train, 8, 0)][:6]
+    for r, tokens in zip(steps, real):
+        assert abs(r["tokens_per_s"] * r["ms_per_step"] / 1000 - tokens) < 1e-6 * tokens
+    resumed = records[len(first):]
+    assert min(r["minutes"] for r in resumed) >= max(r["minutes"] for r in first) > 0
+
+
+def test_a_skipped_update_is_logged_when_it_happens(data_dir, tmp_path, monkeypatch):
+    """--log-every 5 over 4 steps, the update of step 2 skipped: step 2 is logged at once (with its skip
+    counted), then the last step."""
+    def make_train_step(cfg, tc, mesh):
+        def train_step(state, tokens, mask, lr_scale):
+            bad = int(state["step"]) == 1
+            stats = {"loss_bits": np.float32(np.nan if bad else 5.0), "grad_norm": np.float32(1.0),
+                     "lr": np.float32(tc.lr), "tokens": np.float32(mask.sum()), "ok": np.bool_(not bad)}
+            return {**state, "step": state["step"] + 1, "bad_run": np.int32(bad),
+                    "skipped": state["skipped"] + int(bad)}, stats
+        return train_step
+    stub_training(monkeypatch, [], val_nlls=[5.0])
+    monkeypatch.setattr(train, "make_train_step", make_train_step)
+    out = str(tmp_path / "skip")
+    assert train.main(args(data_dir, out, "--steps", "4", "--log-every", "5")) == 0
+    assert [(r["step"], r["skipped"]) for r in log_records(out) if "loss_bits" in r] == [(2, 1), (4, 1)]
+
+
+def test_the_end_of_run_report_samples_with_the_runs_seed_and_dtype(data_dir, tmp_path, monkeypatch):
+    stub_training(monkeypatch, [], val_nlls=[5.0])
+    calls = []
+    monkeypatch.setattr(train.sample, "quality_report", lambda *a, **k: calls.append((a, k)))
+    out = str(tmp_path / "report")
+    assert train.main(args(data_dir, out, "--steps", "1", "--seed", "3", "--report-samples", "5",
+                           "--dtype", "bfloat16")) == 0
+    assert calls == [((out, 5), {"dtype": "bfloat16", "seed": 3})]
+
+
+def test_warm_start_continues_from_ema_weights_in_parts_with_a_fresh_optimiser(data_dir, tmp_path, monkeypatch):
+    """Leg 1: 3 (stubbed) steps. Its EMA weights travel split in parts; leg 2 (--warm-start, another seed
+    so its own init differs) starts from them: its parameters and EMA are leg 1's EMA, its AdamW state
+    fresh (step count 0: the warmup again), its step count, data position and minutes go on, and the log
+    marks where it begins."""
+    stub_training(monkeypatch, [], val_nlls=[5.0] * 4)
+    leg1, leg2 = str(tmp_path / "leg1"), str(tmp_path / "leg2")
+    assert train.main(args(data_dir, leg1, "--steps", "3")) == 0
+    cfg, ema, meta = train.load_model(leg1)
+    parts = checkpoint.save_parts(str(tmp_path / "ema"), {"ema": ema}, meta, max_bytes=50_000)
+    assert len(parts) > 1
+    assert train.main(args(data_dir, leg2, "--steps", "5", "--seed", "5", "--warm-start", *parts)) == 0
+    meta2, arrays = train.read_checkpoint(train.checkpoints(leg2)[-1])
+    assert meta2["step"] == 5 and meta2["leg"] == 2
+    flat = train.flatten(ema)
+    for k, v in flat.items():  # the stubbed steps leave the weights where the warm start put them
+        np.testing.assert_array_equal(arrays[f"params/{k}"], v)
+        np.testing.assert_array_equal(arrays[f"ema/{k}"], v)
+    counts = [v for k, v in arrays.items() if k.startswith("opt_state/") and k.endswith("count")]
+    assert counts and all(int(c) == 0 for c in counts)  # fresh AdamW: its schedule's warmup starts again
+    records = log_records(leg2)
+    assert records[0] == {"step": 3, "minutes": records[0]["minutes"], "leg": 2, "warm_start": parts}
+    assert records[0]["minutes"] >= meta["minutes"] > 0
+    assert [r["step"] for r in records if "loss_bits" in r] == [4, 5]
+    # weights of another model config are refused by name
+    with pytest.raises(SystemExit, match="d_model: checkpoint 16 vs requested 32"):
+        train.main(args(data_dir, str(tmp_path / "leg3"), "--d-model", "32", "--warm-start", *parts))
+
+
+def full_size_script():
+    spec = importlib.util.spec_from_file_location("full_size", os.path.join(HERE, ".ci", "full_size.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_full_size_leg_runs_end_to_end_at_tiny_size_and_packs_what_comes_back(data_dir, tmp_path):
+    """.ci/full_size.py --tiny: trains, samples, scores, and packs at most 8 files under 16 MiB: the log,
+    config, quality row, curves, spectrograms, the WAVs, and EMA weights that load as the run's model."""
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    proc = subprocess.run([sys.executable, ".ci/full_size.py", "--tiny", "--minutes", "0.05", "--out", str(out),
+                           "--run", str(run_dir), "--data-dir", data_dir, "--warm", str(tmp_path / "none")],
+                          cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = sorted(os.listdir(out))
+    assert files == ["config.json", "curves.png", "ema-1of1.npz", "log.jsonl", "metrics.json", "samples.tar",
+                     "spectrograms.png"]
+    with open(out / "metrics.json") as f:
+        row = json.load(f)
+    assert {"nll", "fid", "is", "mis", "am", "voiced", "floor_drift_db"} <= set(row) and row["n"] == 4
+    with tarfile.open(out / "samples.tar") as tar:
+        assert sorted(tar.getnames()) == ["samples/metrics.json", "samples/sample_000.wav", "samples/sample_001.wav",
+                                          "samples/sample_002.wav", "samples/sample_003.wav", "samples/samples.json"]
+    meta, arrays = checkpoint.read_parts([str(out / "ema-1of1.npz")])
+    cfg, ema, _ = checkpoint.load_model(str(run_dir))
+    assert meta["model"]["pooling"] == [2, 4] and set(arrays) == {f"ema/{k}" for k in checkpoint.flatten(ema)}
+    for k, v in checkpoint.flatten(ema).items():
+        np.testing.assert_array_equal(arrays[f"ema/{k}"], v)
+
+
+def test_the_next_full_size_leg_warm_starts_from_the_carried_parts(tmp_path, monkeypatch):
+    module = full_size_script()
+    (tmp_path / ".full").mkdir()
+    for name in ("ema-2of2.npz", "ema-1of2.npz"):
+        (tmp_path / ".full" / name).write_bytes(b"")
+    commands = []
+    monkeypatch.setattr(module, "ROOT", str(tmp_path))
+    monkeypatch.setattr(module, "run", lambda command, env: commands.append(command))
+    monkeypatch.setattr(module, "pack", lambda run_dir, out: None)
+    assert module.main(["--out", str(tmp_path / "o"), "--minutes", "5"]) == 0
+    (command,) = commands
+    parts = [str(tmp_path / ".full" / f"ema-{i}of2.npz") for i in (1, 2)]
+    assert command[command.index("--warm-start") + 1:][:2] == parts
+    for flag, value in (("--preset", "sc09"), ("--dtype", "bfloat16"), ("--minutes", "5.0"), ("--dataset", "sc09-espeak")):
+        assert command[command.index(flag) + 1] == value
+    assert "--resume" in command and "--tiny" not in command and "--d-model" not in command
+
+
+def test_a_training_step_with_the_fused_scan_kernel_equals_one_with_the_associative_scan(data_dir, monkeypatch):
+    """One compiled step (dropout on, AdamW) from the same state and batch, pf.SCAN = fused (the Pallas
+    kernel, interpreted here) against associative: the same loss, gradient norm and new parameters."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
+    cfg = dataclasses.replace(TINY_CFG, dropout=0.1)
+    tc = train.TrainConfig(batch_size=8, warmup=1, lr=0.01)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    host = jax.device_get(jax.jit(lambda: train.init_state(cfg, tc))())
+    results = {}
+    for name in ("associative", "fused"):
+        monkeypatch.setattr(pf, "SCAN", name)
+        step = train.make_train_step(cfg, tc, mesh)
+        state, _ = step(jax.device_put(host, NamedSharding(mesh, P())), tokens.astype(np.int32), mask, np.float32(1))
+        new, m = step(state, tokens.astype(np.int32), mask, np.float32(1))  # after the warmup's lr-0 step
+        results[name] = (float(m["loss_bits"]), float(m["grad_norm"]), snapshot(new["params"]))
+    (loss_a, norm_a, params_a), (loss_f, norm_f, params_f) = results["associative"], results["fused"]
+    assert abs(loss_a - loss_f) < 1e-5 and abs(norm_a - norm_f) < 1e-4 * norm_a
+    assert_same_params(params_f, params_a, 1e-6)
+    assert max(float(np.abs(v - host_v).max()) for v, host_v in zip(params_a.values(), snapshot(host["params"]).values())) > 1e-3
+
+
 def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_update(data_dir):
     """One compiled step (dropout 0.5, AdamW with weight decay 0.1). Dropout: from the same weights,
     step 0 twice gives the same loss, step 1 another, and both differ from the loss without dropout,
@@ -472,7 +632,8 @@ def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_upd
     assert min(abs(losses[0] - losses[2]), abs(losses[0] - plain), abs(losses[2] - plain)) > 1e-4, (losses, plain)
     moved = {}
     for scale in (1.0, 0.5, 0.0):
-        state, _ = step(fresh(), tokens, mask, np.float32(1.0))  # step 0: lr 0 in the warmup
+        state, m = step(fresh(), tokens, mask, np.float32(1.0))  # step 0: lr 0 in the warmup
+        assert float(m["lr"]) == 0.0  # the logged lr is the one this update used, not the next step's
         before = snapshot(state["params"])
         state, m = step(state, tokens, mask, np.float32(scale))
         assert abs(float(m["lr"]) - 0.01 * scale) < 1e-9

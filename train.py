@@ -32,13 +32,14 @@ import metrics
 import pf
 import sample
 from checkpoint import (checkpoints, config_mismatch, first_readable, flatten, load_model,  # noqa: F401
-                        read_checkpoint, restore, save_checkpoint)
+                        read_checkpoint, read_parts, restore, save_checkpoint)
 from pf import DTYPES, nll_sum  # noqa: F401 (train.nll_sum is the loss train_step differentiates)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     dataset: str = "sc09-espeak"  # preset and data: sc09 | sc09-espeak | beethoven | youtubemix | bytes
+    preset: str | None = None  # another dataset's model and recipe, e.g. sc09 (the thesis') on the built-in digits
     out: str = "runs/digits"  # checkpoints, config.json and log.jsonl go here
     data_dir: str = "data"  # datasets, their .npy cache and the digit classifier live here
     size: str = "default"  # sc09-espeak: tiny | default | a clip count
@@ -68,6 +69,7 @@ class TrainConfig:
     eval_clips: int | None = None  # evaluate on the first N clips of each split (None = all)
     train_clips: int | None = None  # a memorisation check: train and validate on N clips (the first of each digit in turn)
     resume: bool = False  # continue from the newest readable checkpoint in --out
+    warm_start: tuple[str, ...] = ()  # .npz files holding another run's ema/ weights (split or whole): start from them, fresh AdamW (warmup again)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (mixed precision: see pf.py's docstring)
     input_noise: float = 0.0  # not in the thesis: the share of input tokens moved by 1-8 levels (the targets stay clean)
     report_samples: int = 64  # spoken digits: clips sampled and scored (NLL, FID, IS, mIS, AM) at the end; 0: none
@@ -279,6 +281,26 @@ def load_latest(out, cfg, template):
     return restore(template, arrays, path), meta
 
 
+def warm_start(paths, cfg, tc, template):
+    """--warm-start: a new leg from another run's EMA weights (in one .npz or split over several, as a lent
+    machine brings them back): they become the parameters and the EMA; the AdamW state is fresh, so its
+    warmup runs again (the moments cannot travel: 3x the weights). The step count, the data order and the
+    wall-clock minutes go on from the weights' record. -> (state, meta)."""
+    try:
+        meta, arrays = read_parts(paths)
+        diff = config_mismatch(meta["model"], cfg)
+        if diff:
+            raise ValueError("trained with another model config; differing fields:\n  " + "\n  ".join(diff))
+        ema = restore(template["ema"], {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")},
+                      " ".join(paths))
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --warm-start {' '.join(paths)}: {e}")
+    state = jax.jit(lambda: init_state(cfg, tc))()
+    state = {**state, "params": ema, "ema": ema, "step": jnp.asarray(meta["step"], jnp.int32)}
+    return state, {"best_val": None, "minutes": meta.get("minutes", 0.0), "leg": meta.get("leg", 1) + 1,
+                   "warm_start": list(paths)}
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -298,8 +320,9 @@ def interruptible():
 def parse_args(argv):
     first = data.Parser(add_help=False)
     first.add_argument("--dataset", default=TrainConfig.dataset, choices=sorted(PRESETS))
-    dataset = first.parse_known_args(argv)[0].dataset
-    model_preset, train_preset = PRESETS[dataset]
+    first.add_argument("--preset", default=None, choices=sorted(PRESETS))
+    known = first.parse_known_args(argv)[0]
+    model_preset, train_preset = PRESETS[known.preset or known.dataset]
     parser = data.Parser(description=__doc__)
     comments = pf.field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -307,12 +330,16 @@ def parse_args(argv):
         kw = {"default": default, "help": pf.flag_help(comments.get(f.name), default)}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, nargs="+", **kw)
         else:
             kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), type(default))
-            parser.add_argument(flag, type=kind, choices=sorted(PRESETS) if f.name == "dataset" else None, **kw)
+            parser.add_argument(flag, type=kind, choices=sorted(PRESETS) if f.name in ("dataset", "preset") else None,
+                                **kw)
     pf.add_config_args(parser, dataclasses.replace(pf.Config(), **model_preset))
     args = parser.parse_args(argv)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    tc = dataclasses.replace(tc, warm_start=tuple(tc.warm_start))
     if tc.decay not in DECAYS:
         parser.error(f"--decay {tc.decay!r} is not one of {', '.join(DECAYS)}")
     if tc.dtype not in DTYPES:
@@ -405,7 +432,11 @@ def main(argv=None):
     os.makedirs(tc.out, exist_ok=True)
     template = jax.eval_shape(lambda: init_state(cfg, tc))
     state, meta = load_latest(tc.out, cfg, template) if tc.resume else (None, None)
-    if state is None:
+    if state is None and tc.warm_start:
+        state, meta = warm_start(tc.warm_start, cfg, tc, template)
+        say(f"warm start (leg {meta['leg']}) from the EMA weights of step {int(state['step'])} in "
+            f"{' '.join(tc.warm_start)}: a fresh AdamW state, its warmup again")
+    elif state is None:
         if tc.resume:
             say(f"no checkpoint in {tc.out}: starting from scratch")
         state, meta = jax.jit(lambda: init_state(cfg, tc))(), {"best_val": None}
@@ -424,7 +455,7 @@ def main(argv=None):
     rows = NamedSharding(mesh, P("data"))
     eval_batch = max(mesh.size, (tc.microbatch or tc.batch_size))
     log = open(os.path.join(tc.out, "log.jsonl"), "a") if lead else None
-    best_val = meta.get("best_val")
+    best_val, leg = meta.get("best_val"), meta.get("leg", 1)
     run_start, minutes_before = time.perf_counter(), meta.get("minutes", 0.0)
     minutes = lambda: round(minutes_before + (time.perf_counter() - run_start) / 60, 4)  # wall clock, all runs
 
@@ -438,7 +469,7 @@ def main(argv=None):
         if not lead:
             return
         meta = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc), "data": resolved["data"],
-                "step": step, "epoch": epoch, "best_val": best_val, "minutes": minutes()}
+                "step": step, "epoch": epoch, "best_val": best_val, "minutes": minutes(), "leg": leg}
         save_checkpoint(os.path.join(tc.out, name or f"ckpt_{step:08d}.npz"), state, meta)
         for old in checkpoints(tc.out)[:-tc.keep]:
             os.remove(old)
@@ -460,6 +491,8 @@ def main(argv=None):
             best_val = record["val_nll_bits"]
             save(step, epoch, "best.npz")
 
+    if tc.warm_start and "warm_start" in meta:  # the log marks where a leg begins (curves.png draws it)
+        write({"step": int(state["step"]), "minutes": minutes(), "leg": leg, "warm_start": meta["warm_start"]})
     with interruptible() as stop:
         start = int(state["step"])
         step = epoch = start

@@ -8,8 +8,9 @@ against the tests that should catch it; prints the kill rate per module. Develop
     python .ci/mutants.py --markdown docs/mutants.md   # also write the table of results
 
 Each mutant replaces one snippet, found exactly once, in a copy of the working tree, then runs
-`python -m pytest -x -q -p no:cacheprovider <selection>` there for each of its test selections in turn:
-a failing run (or one past the time limit) kills it. The mutants live in .ci/mutants.json: file, original, replacement, what a user would
+`python -m pytest -x -q -p no:cacheprovider -p no_shrink <selection>` there for each of its test selections
+in turn (no_shrink: hypothesis stops at its first failing example): a failing run (or one past the time
+limit) kills it. The mutants live in .ci/mutants.json: file, original, replacement, what a user would
 get wrong, the tests that should catch it, and, for a mutant that changes nothing observable,
 `equivalent` with the reason (listed, not run).
 """
@@ -56,9 +57,11 @@ def tracked_copy():
 def pytest(selection, copy, timeout):
     """One pytest run of a selection ('test_x.py::test_y ...' or 'test_x.py -k EXPR') in the copy:
     -> (passed, the first failed test or pytest's last line)."""
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "mutants-jax-cache")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
-                           *shlex.split(selection)], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "mutants-jax-cache"),
+           "PYTHONPATH": os.pathsep.join([os.path.join(copy, ".ci"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no_shrink"]
+    proc = subprocess.run(command + shlex.split(selection), cwd=copy, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode == 5:  # nothing collected: a selection that names no test is the list's bug, not a kill
         raise SystemExit(f"error: the selection {selection!r} collects no test")
     failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
@@ -115,7 +118,7 @@ def by_module(results):
     return {m: rs for m, rs in groups.items() if rs}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--module", action="append", choices=MODULES, help="only this module's mutants (repeatable)")
     p.add_argument("--only", type=int, nargs="+", help="only these mutants, by number")
@@ -123,7 +126,11 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run")
     p.add_argument("--markdown", help="also write the results as a markdown table here")
     p.add_argument("--json", help="also write the results as JSON here")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     mutants = [m for m in load() if (not a.module or m["file"][:-3] in a.module) and (not a.only or m["id"] in a.only)]
     if a.list:
         for m in mutants:
