@@ -20,10 +20,13 @@ def flatten(tree):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def write_npz(path, arrays, meta):
+    data.write_atomic(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
+
+
 def save_checkpoint(path, state, meta):
     """Plain arrays keyed by tree path plus a JSON meta record, written atomically."""
-    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
-    data.write_atomic(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays))
+    write_npz(path, {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}, meta)
 
 
 def read_checkpoint(path):
@@ -33,18 +36,27 @@ def read_checkpoint(path):
     return json.loads(str(arrays.pop("__meta__"))), arrays
 
 
+def plan_parts(sizes, max_bytes):
+    """Consecutive groups of arrays (by their byte sizes, in order), a new group started where the next
+    array would take the current one past max_bytes: -> a list of index lists."""
+    parts, size = [[]], 0
+    for i, n in enumerate(sizes):
+        if parts[-1] and size + n > max_bytes:
+            parts, size = parts + [[]], 0
+        parts[-1].append(i)
+        size += n
+    return parts
+
+
 def save_parts(prefix, state, meta, max_bytes):
-    """A state's arrays split over as few .npz files as keep each under max_bytes (PREFIX-1of2.npz, ...;
-    a lent machine brings back files of at most 16 MiB), each with the meta record. -> the paths."""
-    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(state).items()}
-    parts, size = [{}], 0
-    for key, a in arrays.items():
-        if parts[-1] and size + a.nbytes > max_bytes:
-            parts, size = parts + [{}], 0
-        parts[-1][key], size = a, size + a.nbytes
+    """A state's arrays in .npz files of at most max_bytes of arrays each, in order (plan_parts;
+    PREFIX-1of2.npz, ...: for a machine that returns files of at most 16 MiB), each with the meta
+    record. -> the paths."""
+    arrays = [(k, np.asarray(jax.device_get(v))) for k, v in flatten(state).items()]
+    parts = plan_parts([a.nbytes for _, a in arrays], max_bytes)
     paths = [f"{prefix}-{i}of{len(parts)}.npz" for i in range(1, len(parts) + 1)]
     for path, part in zip(paths, parts):
-        data.write_atomic(path, lambda f, part=part: np.savez(f, __meta__=np.array(json.dumps(meta)), **part))
+        write_npz(path, dict(arrays[i] for i in part), meta)
     return paths
 
 

@@ -890,6 +890,7 @@ def figure_curves(records, title='Learning curves'):
             if not points:
                 continue
             x, y = np.array(points, np.float64).T
+            x, y = x[np.isfinite(y)], y[np.isfinite(y)]  # a skipped update logs a NaN loss: not drawn, not averaged
             if key == 'loss_bits':
                 series += [{'label': label, 'x': x, 'y': y, 'alpha': 0.25, 'color': 'C0'},
                            {'label': 'training loss, smoothed', 'x': x, 'y': smooth(y, round(math.sqrt(len(y)))),

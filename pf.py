@@ -41,7 +41,7 @@ GATE_BLOCKS = 32  # RG-LRU gates are block-diagonal with 32 blocks (8 -> 4 at R 
 HEADS = 4  # multi-query attention heads (deepest-level ablation)
 ROPE_WAVELENGTH = 32000.0  # rotary embeddings' longest wavelength: the author's models/attention/modules.py
 SCAN_CHUNK = None  # scan_associative: steps per chunk; None: 64 on a CPU, 1 (plain) on a GPU or TPU, see scan_chunk
-SCAN = "associative"  # the RG-LRU's training scan: associative | fused (a Pallas kernel, scan_fused; see SCANS)
+SCAN = "associative"  # the RG-LRU's training scan: associative | fused (scan_fused, a Pallas kernel; not yet timed on a GPU)
 FUSED_STEPS, FUSED_LANES = 64, 32  # scan_fused: time steps and channels of one kernel program
 REMAT_POLICY = None  # jax.checkpoint policy of every ResBlock; None: save its input only (bench.py tries others)
 REMAT = True  # False: no jax.checkpoint at all, every activation kept for the backward pass (bench.py's "none")
@@ -229,10 +229,12 @@ def _fused_kernel(*refs, complex_rnn, reverse, carry_in):
 
 def _fused_pass(a, b, h0, reverse):
     """Along axis 0 of a, b (S, C), complex64 or float32: forward, h_t = a_t h_(t-1) + b_t from h0 (or 0);
-    reverse, d_t = b_t + a_(t+1) d_(t+1) from 0 past the end. Three passes, each reading a and b once:
-    every chunk's map (Pallas, all chunks at once), the state entering each chunk (an associative scan
-    over the S / FUSED_STEPS chunk maps), every chunk again from its entering state, writing the output."""
-    complex_rnn, (s, c) = jnp.iscomplexobj(a), a.shape
+    reverse, d_t = b_t + a_(t+1) d_(t+1) from 0 past the end. Three passes: every chunk's map (Pallas,
+    all chunks at once: reads a and b), the state entering each chunk (an associative scan over the
+    S / FUSED_STEPS chunk maps), every chunk again from its entering state (reads a and b, writes the output)."""
+    complex_rnn, (s, c) = jnp.iscomplexobj(a) or jnp.iscomplexobj(b), a.shape
+    if complex_rnn:
+        a, b = a.astype(jnp.complex64), b.astype(jnp.complex64)
     steps, lanes = FUSED_STEPS, FUSED_LANES
     planes = (lambda x: [jnp.real(x), jnp.imag(x)]) if complex_rnn else (lambda x: [x])
     join = (lambda v: jax.lax.complex(*v)) if complex_rnn else (lambda v: v[0])
@@ -261,9 +263,9 @@ def _fused_pass(a, b, h0, reverse):
 
 @jax.custom_vjp
 def scan_fused(a, b, h0):
-    """h_t = a_t h_(t-1) + b_t along axis 0 from h0, as scan_associative, in a fused Pallas kernel whose
-    passes read a and b and write h once each (the backward pass too: the transposed recurrence
-    d_t = g_t + a_(t+1) d_(t+1) run down the steps). a, b: (S, ...); h0: b's shape without S."""
+    """h_t = a_t h_(t-1) + b_t along axis 0 from h0, as scan_associative, in a fused Pallas kernel: two
+    kernel passes read a and b and the second writes h (the backward pass likewise: the transposed
+    recurrence d_t = g_t + a_(t+1) d_(t+1) run down the steps). a, b: (S, ...); h0: b's shape without S."""
     s = a.shape[0]
     return _fused_pass(a.reshape(s, -1), b.reshape(s, -1), h0.reshape(-1), False).reshape(b.shape)
 
@@ -287,6 +289,8 @@ scan_fused.defvjp(_scan_fused_fwd, _scan_fused_bwd)
 
 def scan(a, b):
     """The RG-LRU's training recurrence from h = 0, in the form pf.SCAN names (the values are the same)."""
+    if SCAN not in ("associative", "fused"):
+        raise ValueError(f"pf.SCAN = {SCAN!r} is not one of associative, fused")
     return scan_fused(a, b, jnp.zeros_like(b[0])) if SCAN == "fused" else scan_associative(a, b)
 
 
@@ -435,8 +439,7 @@ def rnn_output(h):
 
 
 def rglru(p, x, complex_rnn):
-    """x (S, B, R) -> (S, B, R), parallel over S with the blocked associative scan (float32 inside,
-    the result in x's dtype)."""
+    """x (S, B, R) -> (S, B, R), parallel over S with pf.scan (float32 inside, the result in x's dtype)."""
     a, b = rglru_coefficients(p, x, complex_rnn)
     return rnn_output(scan(a, b)).astype(x.dtype)
 

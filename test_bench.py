@@ -129,7 +129,10 @@ def test_device_benchmark_runs_at_small_sizes_and_its_figures_agree(tmp_path):
     assert abs(memory["micro8"]["loss_bits"] - core["bf16"]["loss_bits"]) < 0.15
     assert tuning["remat_dots"]["speedup_over_bf16"] == pytest.approx(
         core["bf16"]["ms_per_step"] / tuning["remat_dots"]["ms_per_step"])
-    assert all(r[f"scan_{k}_ms"] > 0 for k in ("chunk_16", "chunk_64", "chunk_256", "plain_assoc", "seq"))
+    assert all(r[f"scan_{k}_ms"] > 0 for k in ("chunk_16", "chunk_64", "chunk_256", "plain_assoc", "seq", "fused"))
+    # the scan's memory bound: 8 arrays of S x B x 128 complex64 (forward and backward) at the copy bandwidth
+    assert r["scan_bytes_per_call"] == 8 * r["seq_len"] * r["batch"] * 128 * 8
+    assert r["scan_memory_bound_ms"] == pytest.approx(1000 * r["scan_bytes_per_call"] / (r["scan_copy_gb_per_s"] * 1e9))
     assert r["bf16_speedup"] == pytest.approx(core["f32"]["ms_per_step"] / core["bf16"]["ms_per_step"])
     for b in (16, 256):
         assert r[f"sampler_{b}"]["sample_batch"] == b and r[f"sampler_{b}"]["sampler_tokens_per_s"] > 0

@@ -124,3 +124,10 @@ def test_a_state_split_into_parts_under_a_size_reads_back_whole(tmp_path):
     other = checkpoint.save_parts(str(tmp_path / "other"), {"ema": ema}, {**meta, "step": 10}, max_bytes=total // 4)
     with pytest.raises(ValueError, match="another checkpoint"):
         checkpoint.read_parts([paths[0], other[1]])
+
+
+def test_parts_are_planned_in_order_under_the_limit():
+    assert checkpoint.plan_parts([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert checkpoint.plan_parts([4, 7, 2, 9, 1], 10) == [[0], [1, 2], [3, 4]]
+    assert checkpoint.plan_parts([12, 3], 10) == [[0], [1]]  # an array larger than the limit stands alone
+    assert checkpoint.plan_parts([], 10) == [[]]

@@ -149,3 +149,15 @@ def test_every_linked_file_and_figure_exists(doc):
     links = re.findall(r"\]\(([^)#]+)\)", open(os.path.join(HERE, doc)).read())
     for link in links:
         assert link.startswith("http") or os.path.exists(os.path.join(HERE, os.path.dirname(doc), link)), link
+
+
+def test_the_mutation_rounds_list_fits_the_code():
+    """Every mutant of .ci/mutants.json finds its text exactly once (the runner refuses the list otherwise)."""
+    mutants = ci_script("mutants").load()
+    assert len(mutants) >= 90 and {m["file"] for m in mutants} == {f"{m}.py" for m in ci_script("mutants").MODULES}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_no_placeholder_is_left(doc):
+    text = open(os.path.join(HERE, doc)).read()
+    assert not re.findall(r"^[A-Z_]{6,}$", text, re.M), doc  # a line left as a stand-in (FIGURES_HERE)

@@ -79,6 +79,15 @@ def test_learning_curves_show_the_smoothed_loss_over_the_raw_one_and_the_evaluat
         np.testing.assert_allclose(lines["test NLL (EMA)"].get_xdata(), [r[x_key] for r in records[50:]])
 
 
+def test_a_skipped_updates_nan_loss_is_left_out_of_the_curves():
+    records = curve_records()
+    records[5]["loss_bits"] = float("nan")  # train.py logs a skipped update's loss as it was
+    (_, by_step) = metrics.figure_curves(records).axes
+    lines = {line.get_label(): line for line in by_step.get_lines()}
+    assert len(lines["training loss (batch)"].get_xdata()) == 49 and 60 not in lines["training loss (batch)"].get_xdata()
+    assert np.isfinite(lines["training loss, smoothed"].get_ydata()).all()
+
+
 def test_learning_curves_mark_where_a_warm_started_leg_begins():
     records = curve_records() + [{"step": 500, "minutes": 25.0, "leg": 2, "warm_start": ["ema-1of2.npz"]},
                                  {"step": 510, "minutes": 25.5, "loss_bits": 3.0}]

@@ -578,6 +578,7 @@ def test_the_next_full_size_leg_warm_starts_from_the_carried_parts(tmp_path, mon
     monkeypatch.setattr(module, "ROOT", str(tmp_path))
     monkeypatch.setattr(module, "run", lambda command, env: commands.append(command))
     monkeypatch.setattr(module, "pack", lambda run_dir, out: None)
+    monkeypatch.setattr(module, "ema_sizes", lambda *flags: [10**6] * 28)  # the baseline's ~28 MB: 2 parts
     assert module.main(["--out", str(tmp_path / "o"), "--minutes", "5"]) == 0
     (command,) = commands
     parts = [str(tmp_path / ".full" / f"ema-{i}of2.npz") for i in (1, 2)]
@@ -631,6 +632,8 @@ def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_upd
     assert losses[0] == losses[1]
     assert min(abs(losses[0] - losses[2]), abs(losses[0] - plain), abs(losses[2] - plain)) > 1e-4, (losses, plain)
     moved = {}
+    _, m = step(fresh(step=np.int32(7)), tokens, mask, np.float32(1.0))  # a warm start: step 7, AdamW's count 0
+    assert float(m["lr"]) == 0.0  # the schedule follows AdamW's own count, so it logs the warmup's lr
     for scale in (1.0, 0.5, 0.0):
         state, m = step(fresh(), tokens, mask, np.float32(1.0))  # step 0: lr 0 in the warmup
         assert float(m["lr"]) == 0.0  # the logged lr is the one this update used, not the next step's

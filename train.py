@@ -144,6 +144,13 @@ def corrupt_inputs(tokens, key, p, vocab, width=8):
     return jnp.where(jax.random.bernoulli(k_hit, p, tokens.shape), moved, tokens)
 
 
+def count_of(opt_state):
+    """AdamW's own update count: the step its learning-rate schedule is at (after a warm start it begins
+    at 0 again, and a skipped update does not advance it)."""
+    return next(leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+                if getattr(path[-1], "name", None) == "count")
+
+
 def make_train_step(cfg, tc, mesh):
     """train_step(state, tokens (B, L), mask (B, L), lr_scale) -> (state, metrics): lr_scale (a host
     float32, from lr_factor()) scales the update, i.e. the learning rate. The batch is split into
@@ -173,6 +180,7 @@ def make_train_step(cfg, tc, mesh):
         count = jnp.maximum(count, 1.0)
         loss, grads = total / count, jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
+        opt_state_before = state["opt_state"]  # its count is the step the schedule gives this update
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         updates = jax.tree.map(lambda u: lr_scale * u, updates)  # AdamW's update (decay included) is linear in lr
         params = optax.apply_updates(state["params"], updates)
@@ -183,7 +191,7 @@ def make_train_step(cfg, tc, mesh):
         state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                  "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
                  "bad_run": jnp.where(ok, 0, state["bad_run"] + 1), "skipped": state["skipped"] + (~ok)}
-        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(state["step"] - 1) * lr_scale,
+        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(count_of(opt_state_before)) * lr_scale,
                    "tokens": count, "ok": ok}
         return state, metrics
 
@@ -284,7 +292,8 @@ def load_latest(out, cfg, template):
 def warm_start(paths, cfg, tc, template):
     """--warm-start: a new leg from another run's EMA weights (in one .npz or split over several, as a lent
     machine brings them back): they become the parameters and the EMA; the AdamW state is fresh, so its
-    warmup runs again (the moments cannot travel: 3x the weights). The step count, the data order and the
+    warmup runs again (the parameters and its two moments: three more copies of the weights to carry). The
+    step count, the data order and the
     wall-clock minutes go on from the weights' record. -> (state, meta)."""
     try:
         meta, arrays = read_parts(paths)
@@ -293,8 +302,8 @@ def warm_start(paths, cfg, tc, template):
             raise ValueError("trained with another model config; differing fields:\n  " + "\n  ".join(diff))
         ema = restore(template["ema"], {k[len("ema/"):]: v for k, v in arrays.items() if k.startswith("ema/")},
                       " ".join(paths))
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: --warm-start {' '.join(paths)}: {e}")
+    except Exception as e:  # noqa: BLE001 -- unreadable, truncated, another config or pf.py: one error line
+        raise SystemExit(f"error: --warm-start {' '.join(paths)}: {type(e).__name__}: {e}")
     state = jax.jit(lambda: init_state(cfg, tc))()
     state = {**state, "params": ema, "ema": ema, "step": jnp.asarray(meta["step"], jnp.int32)}
     return state, {"best_val": None, "minutes": meta.get("minutes", 0.0), "leg": meta.get("leg", 1) + 1,

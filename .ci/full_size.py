@@ -5,12 +5,14 @@ weights and their quality row under the shipped classifier. What comes back fits
 (8 files of at most 16 MiB): the log, the config, the quality row, the curves, the spectrogram grid, the
 64 WAVs packed, and the EMA weights in float32 split in two, from which the next leg continues.
 
-    python .ci/full_size.py --out $OUT --minutes 5.5                    # a leg on a GPU (about 9 minutes in all)
+    python .ci/full_size.py --out $OUT --minutes 5                      # a leg on a GPU (about 9 minutes in all)
     python .ci/full_size.py --out /tmp/leg --minutes 0.2 --tiny         # the same path on a CPU, a tiny model
 
 The next leg: carry the last leg's ema-*.npz in .full/ (`carry: [".full"]`); the run warm-starts from
-them (fresh AdamW, its warmup again: the moments are 3x the weights and cannot travel). The wheels a
-bare machine lacks (espeakng-loader) travel in .whl/ and are installed first.
+them (fresh AdamW, its warmup again: the parameters and AdamW's two moments would be three more copies of
+the weights to carry). The wheels a bare machine lacks (espeakng-loader) travel in .whl/ and are installed
+first. The thesis' 1000 warmup steps take about 5 minutes on an H100, so a 5-minute leg is all warmup;
+`--warmup` shortens it (not the thesis' recipe, say so where its results are reported).
 """
 import argparse
 import glob
@@ -34,7 +36,8 @@ def run(command, env):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="where the leg's files go (a lent machine's $OUT)")
-    p.add_argument("--minutes", type=float, default=5.5, help="training budget, compile and evaluations included")
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget, compile and evaluations included")
+    p.add_argument("--warmup", type=int, default=1000, help="AdamW warmup steps (the thesis': 1000)")
     p.add_argument("--run", default="runs/full", help="the train.py run folder")
     p.add_argument("--warm", default=".full", help="a folder with the previous leg's ema-*.npz (if any)")
     p.add_argument("--data-dir", default="data", help="where the built-in digits are built")
@@ -48,6 +51,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
+    files = 6 + len(weight_parts(ema_sizes(*(TINY if a.tiny else []))))  # checked before a GPU's minutes go
+    if files > 8:
+        raise SystemExit(f"error: {files} files would come back; a lent machine returns 8")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
     if wheels:  # a machine without a package registry: the carried wheels, into a folder of their own
@@ -57,11 +63,28 @@ def main(argv=None):
     warm = sorted(glob.glob(os.path.join(ROOT, a.warm, "ema-*.npz")))
     train = [sys.executable, "train.py", "--dataset", "sc09-espeak", "--preset", "sc09", "--dtype", "bfloat16",
              "--minutes", str(a.minutes), "--out", a.run, "--data-dir", a.data_dir, "--eval-every", str(a.eval_every),
-             "--eval-clips", "128",
+             "--eval-clips", "128", "--warmup", str(a.warmup),
              "--resume", *(["--warm-start", *warm] if warm else []), *(TINY if a.tiny else [])]
     run(train, env)
     pack(os.path.join(ROOT, a.run), a.out)
     return 0
+
+
+def ema_sizes(*model_flags):
+    """The byte sizes of the model's weights, in checkpoint order, from train.py's own flags (no arrays)."""
+    sys.path.insert(0, ROOT)
+    import jax
+    import checkpoint
+    import pf
+    import train
+    cfg, _ = train.parse_args(["--dataset", "sc09-espeak", "--preset", "sc09", *model_flags])
+    shapes = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    return [s.size * s.dtype.itemsize for s in checkpoint.flatten({"ema": shapes}).values()]
+
+
+def weight_parts(sizes):
+    import checkpoint  # (ROOT is on the path: ema_sizes put it there)
+    return checkpoint.plan_parts(sizes, MAX_BYTES)
 
 
 def pack(run_dir, out):
@@ -79,8 +102,10 @@ def pack(run_dir, out):
         for f in sorted(os.listdir(samples)):
             if f.endswith((".wav", ".json")):
                 tar.add(os.path.join(samples, f), arcname=f"samples/{f}")
-    _, ema, meta = checkpoint.load_model(run_dir)
-    paths = checkpoint.save_parts(os.path.join(out, "ema"), {"ema": ema}, meta, MAX_BYTES)
+    # the newest checkpoint's EMA (the run's end, where the next leg goes on; best.npz may be older)
+    path, meta, arrays = checkpoint.first_readable(reversed(checkpoint.checkpoints(run_dir)))
+    paths = checkpoint.save_parts(os.path.join(out, "ema"), {k: v for k, v in arrays.items() if k.startswith("ema/")},
+                                  meta, MAX_BYTES)
     files = sorted(os.listdir(out))
     print(f"packed {len(files)} files in {out}: {', '.join(files)}")
     assert len(files) <= 8 and all(os.path.getsize(os.path.join(out, f)) < 16 * 2**20 for f in files), files
