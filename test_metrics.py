@@ -290,6 +290,11 @@ def test_mask_image_sets_one_band_and_one_frame_range_to_the_floor():
             assert len(run) <= 4 and (len(run) == 0 or run[-1] - run[0] == len(run) - 1)
         widths.append((len(rows), len(cols)))
     assert max(w for w, _ in widths) > 0 and max(w for _, w in widths) > 0, widths
+    # over many keys the widths are 0 to max_width, each end reached (0: no mask at all); never wider
+    keys = jax.random.split(jax.random.key(99), 300)
+    out = np.asarray(jax.vmap(lambda k: metrics.mask_image(k, image, max_width=4))(keys))
+    bands, frames = (out == -80.0).all(2).sum(1), (out == -80.0).all(1).sum(1)  # whole rows, whole columns
+    assert set(bands.tolist()) == set(frames.tolist()) == {0, 1, 2, 3, 4}, (sorted(set(bands)), sorted(set(frames)))
 
 
 # ---------------------------------------------------------------- scores() and `metrics.py evaluate`

@@ -63,7 +63,7 @@ def pytest(selection, copy, timeout):
     proc = subprocess.run(command + shlex.split(selection), cwd=copy, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode == 5:  # nothing collected: a selection that names no test is the list's bug, not a kill
-        raise SystemExit(f"error: the selection {selection!r} collects no test")
+        raise LookupError(f"the selection {selection!r} collects no test")
     failed = [line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
     last = (proc.stdout.strip().splitlines() or [""])[-1]
     return proc.returncode == 0, failed[0] if failed else f"pytest exit {proc.returncode}: {last}"
@@ -88,26 +88,44 @@ def run(mutant, copy, timeout):
             failed = None
     except subprocess.TimeoutExpired:
         outcome = "timeout"
+    except LookupError as e:  # reported as the list's error; the round goes on
+        outcome, failed = "error", str(e)
     finally:
         with open(path, "w") as f:
             f.write(source)
     return outcome, time.perf_counter() - start, failed
 
 
-def table(results):
-    """Markdown: per module the kill rate, then every mutant with its outcome and the test that killed it."""
-    lines = ["| module | mutants | equivalent | killed | survived | kill rate (non-equivalent) |", "|---|---|---|---|---|---|"]
+def kill_rates(results):
+    """{module: (mutants, equivalent, killed, kill rate of the non-equivalent)}; a timeout counts as killed."""
+    rates = {}
     for module, rs in by_module(results).items():
         eq = sum(r["outcome"] == "equivalent" for r in rs)
         killed = sum(r["outcome"] in ("killed", "timeout") for r in rs)
-        rate = killed / max(len(rs) - eq, 1)
-        lines.append(f"| {module} | {len(rs)} | {eq} | {killed} | {len(rs) - eq - killed} | {100 * rate:.0f}% |")
-    lines += ["", "| # | file | change | what a user would get | outcome | killed by |", "|---|---|---|---|---|---|"]
+        rates[module] = (len(rs), eq, killed, killed / max(len(rs) - eq, 1))
+    return rates
+
+
+def table(results, before=None):
+    """Markdown: per module the kill rate (and a before round's, from its --json, matched by the change),
+    then every mutant with its outcome and the test that killed it."""
+    key = lambda r: (r["file"], *(r["was"] if "was" in r else (r["original"], r["replacement"])))  # was: retargeted
+    earlier = {key(r): r for r in before or []}
+    old = [earlier[key(r)] for r in results if key(r) in earlier]
+    rates, old_rates = kill_rates(results), kill_rates(old)
+    lines = ["| module | mutants | equivalent | killed | survived | kill rate | before: kill rate (of the same mutants) |",
+             "|---|---|---|---|---|---|---|"]
+    for module, (n, eq, killed, rate) in rates.items():
+        was = old_rates.get(module)
+        was = f"{100 * was[3]:.0f}% ({was[2]} of {was[0] - was[1]})" if was else "-"
+        lines.append(f"| {module} | {n} | {eq} | {killed} | {n - eq - killed} | {100 * rate:.0f}% | {was} |")
+    lines += ["", "| # | file | change | what a user would get | before | now | killed by |", "|---|---|---|---|---|---|---|"]
     cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
     for r in results:
         change = f"`{cell(r['original'])}` -> `{cell(r['replacement'])}`"
         by = r.get("equivalent") if r["outcome"] == "equivalent" else (r.get("killed_by") or "")
-        lines.append(f"| {r['id']} | {r['file']} | {change} | {cell(r['what'])} | {r['outcome']} | {cell(by)} |")
+        was = earlier[key(r)]["outcome"] if key(r) in earlier else "(new)"
+        lines.append(f"| {r['id']} | {r['file']} | {change} | {cell(r['what'])} | {was} | {r['outcome']} | {cell(by)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run")
     p.add_argument("--markdown", help="also write the results as a markdown table here")
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--before", help="an earlier round's --json: its kill rates beside these in --markdown")
     return p.parse_args(argv)
 
 
@@ -154,8 +173,12 @@ def main(argv=None):
     for r in survivors:
         print(f"survived: {r['id']} {r['file']}: {r['what']}")
     if a.markdown:
+        before = None
+        if a.before:
+            with open(a.before) as f:
+                before = json.load(f)
         with open(a.markdown, "w") as f:
-            f.write(table(results))
+            f.write(table(results, before))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
