@@ -144,11 +144,11 @@ def corrupt_inputs(tokens, key, p, vocab, width=8):
     return jnp.where(jax.random.bernoulli(k_hit, p, tokens.shape), moved, tokens)
 
 
-def count_of(opt_state):
+def count_of(opt_state, default):
     """AdamW's own update count: the step its learning-rate schedule is at (after a warm start it begins
-    at 0 again, and a skipped update does not advance it)."""
-    return next(leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
-                if getattr(path[-1], "name", None) == "count")
+    at 0 again, and a skipped update does not advance it); default for an optimiser that keeps none."""
+    return next((leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+                 if getattr(path[-1], "name", None) == "count"), default)
 
 
 def make_train_step(cfg, tc, mesh):
@@ -191,7 +191,7 @@ def make_train_step(cfg, tc, mesh):
         state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                  "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
                  "bad_run": jnp.where(ok, 0, state["bad_run"] + 1), "skipped": state["skipped"] + (~ok)}
-        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(count_of(opt_state_before)) * lr_scale,
+        metrics = {"loss_bits": loss / math.log(2), "grad_norm": grad_norm, "lr": schedule(count_of(opt_state_before, state["step"] - 1)) * lr_scale,
                    "tokens": count, "ok": ok}
         return state, metrics
 

@@ -167,16 +167,16 @@ def main(argv=None):
             print(f"{m['id']:3d} {m['file']:14s} {outcome:9s} {seconds:6.1f} s  {failed or ''}", flush=True)
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+    before = None
+    if a.before:
+        with open(a.before) as f:
+            before = json.load(f)
     print()
-    print(table(results).split("\n\n")[0])
+    print(table(results, before).split("\n\n")[0])
     survivors = [r for r in results if r["outcome"] == "survived"]
     for r in survivors:
         print(f"survived: {r['id']} {r['file']}: {r['what']}")
     if a.markdown:
-        before = None
-        if a.before:
-            with open(a.before) as f:
-                before = json.load(f)
         with open(a.markdown, "w") as f:
             f.write(table(results, before))
     if a.json:
