@@ -139,7 +139,7 @@ def test_the_readme_is_a_front_door():
     text = open(os.path.join(HERE, "README.md")).read()
     assert len(text.encode()) <= 15500
     assert "pip install -r requirements.txt && python train.py" in text
-    command = "pip install -r requirements.txt -r requirements-dev.txt && python -m pytest -q -n 2"
+    command = "pip install -r requirements.txt -r requirements-dev.txt && python -m pytest -q -n 2 --dist worksteal"
     assert command in text  # the README's test command is the one CI runs (quietly)
     ci = open(os.path.join(HERE, ".ci", "run")).read()
     assert command.replace("pip install", "pip install -q") in ci

@@ -111,7 +111,7 @@ def test_associative_scan_equals_sequential_scan(length, complex_rnn, near_one, 
     assert_close(gb, sb, 1e-4 * gtol, "grad b")
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @example(length=65, batch=1, complex_rnn=True, near="one", with_h0=True, seed=1)  # two chunks, the 2nd one step
 @example(length=1021, batch=3, complex_rnn=False, near="mid", with_h0=True, seed=2)  # 16 chunks, padded
 @given(length=st.one_of(st.integers(1, 40), st.sampled_from([63, 65, 1021])), batch=st.sampled_from([1, 3]),
@@ -333,7 +333,7 @@ def test_perturbed_moves_every_leaf_off_its_init():
     assert min(jax.tree.leaves(moved)) > 0  # no leaf kept its init value anywhere (zero biases, unit scales)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(pooling=st.lists(st.integers(1, 4), min_size=0, max_size=3), data=st.data(),
        skip=st.sampled_from(["short", "long"]), placement=st.sampled_from(["around", "after"]),
        complex_rnn=st.booleans())
