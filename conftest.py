@@ -1,0 +1,14 @@
+"""The test session's one piece of setup: a persistent compilation cache shared by every test and every
+process the tests start (train.py, bench.py parts), so a program that many tests compile alike (the same
+tiny model's step, evaluation, sampler) is compiled once. Fresh for each session: no state between runs."""
+import os
+import tempfile
+
+import jax
+
+CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="poolformer-test-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
