@@ -12,7 +12,8 @@ The next leg: carry the last leg's ema-*.npz in .full/ (`carry: [".full"]`); the
 them (fresh AdamW, its warmup again: the parameters and AdamW's two moments would be three more copies of
 the weights to carry). The wheels a bare machine lacks (espeakng-loader) travel in .whl/ and are installed
 first. The thesis' 1000 warmup steps take about 5 minutes on an H200 (281 ms a step) and more on an H100,
-so a 5-minute leg is all warmup; `--warmup` shortens it (not the thesis' recipe, say so where its results are reported).
+so a 5-minute leg is all warmup; `--warmup` shortens it (not the thesis' recipe, say so where its results
+are reported).
 """
 import argparse
 import glob
