@@ -693,7 +693,7 @@ def main_device(a, argv):
         r[group] = dict(zip(variants, out)) if out else {}
         save()
         if group == "core":
-            for b in (16, 256):
+            for b in (16,) if a.quick else (16, 256):  # --quick (the CPU test): one batch, one compile
                 r[f"sampler_{b}"] = part("sampler", model=base, batch=b, seq_len=16 if a.quick else 1600,
                                          dtype="bfloat16")
             save()

@@ -130,8 +130,8 @@ def test_device_benchmark_runs_at_small_sizes_and_its_figures_agree(tmp_path):
     assert r["scan_bytes_per_call"] == 8 * r["seq_len"] * r["batch"] * 128 * 8
     assert r["scan_memory_bound_ms"] == pytest.approx(1000 * r["scan_bytes_per_call"] / (r["scan_copy_gb_per_s"] * 1e9))
     assert r["bf16_speedup"] == pytest.approx(core["f32"]["ms_per_step"] / core["bf16"]["ms_per_step"])
-    for b in (16, 256):
-        assert r[f"sampler_{b}"]["sample_batch"] == b and r[f"sampler_{b}"]["sampler_tokens_per_s"] > 0
+    assert r["sampler_16"]["sample_batch"] == 16 and r["sampler_16"]["sampler_tokens_per_s"] > 0
+    assert "sampler_256" not in r  # --quick samples one batch size (an accelerator run: 16 and 256)
     assert r["device"]["platform"] == "cpu" and "step" in proc.stdout
 
 
