@@ -152,10 +152,13 @@ def test_every_linked_file_and_figure_exists(doc):
         assert link.startswith("http") or os.path.exists(os.path.join(HERE, os.path.dirname(doc), link)), link
 
 
-def test_the_mutation_rounds_list_fits_the_code():
-    """Every mutant of .ci/mutants.json finds its text exactly once (the runner refuses the list otherwise)."""
-    mutants = ci_script("mutants").load()
-    assert len(mutants) >= 90 and {m["file"] for m in mutants} == {f"{m}.py" for m in ci_script("mutants").MODULES}
+@pytest.mark.parametrize("name,least", [("mutants.json", 90), ("mutants_blind.json", 24)])
+def test_the_mutation_rounds_lists_fit_the_code(name, least):
+    """Every mutant of .ci/mutants.json and of the held-out round finds its text exactly once (the runner
+    refuses the list otherwise)."""
+    runner = ci_script("mutants")
+    mutants = runner.load(os.path.join(HERE, ".ci", name))
+    assert len(mutants) >= least and {m["file"] for m in mutants} == {f"{m}.py" for m in runner.MODULES}
 
 
 @pytest.mark.parametrize("doc", DOCS)

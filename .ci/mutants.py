@@ -6,6 +6,7 @@ against the tests that should catch it; prints the kill rate per module. Develop
     python .ci/mutants.py --only 3 17              # by number
     python .ci/mutants.py --list                   # the mutants, without running them
     python .ci/mutants.py --markdown docs/mutants.md   # also write the table of results
+    python .ci/mutants.py --mutants .ci/mutants_blind.json   # the held-out round (docs/mutants.md)
 
 Each mutant replaces one snippet, found exactly once, in a copy of the working tree, then runs
 `python -m pytest -x -q -p no:cacheprovider -p no_shrink <selection>` there for each of its test selections
@@ -30,8 +31,8 @@ MUTANTS = os.path.join(ROOT, ".ci", "mutants.json")
 MODULES = ("pf", "sample", "train", "checkpoint", "metrics", "data")
 
 
-def load():
-    with open(MUTANTS) as f:
+def load(path=MUTANTS):
+    with open(path) as f:
         mutants = json.load(f)
     for i, m in enumerate(mutants, 1):
         m["id"] = i
@@ -138,6 +139,8 @@ def by_module(results):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mutants", default=MUTANTS,
+                   help="the list to run (default .ci/mutants.json; .ci/mutants_blind.json is the held-out round)")
     p.add_argument("--module", action="append", choices=MODULES, help="only this module's mutants (repeatable)")
     p.add_argument("--only", type=int, nargs="+", help="only these mutants, by number")
     p.add_argument("--list", action="store_true", help="list the mutants and their tests; run nothing")
@@ -150,7 +153,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    mutants = [m for m in load() if (not a.module or m["file"][:-3] in a.module) and (not a.only or m["id"] in a.only)]
+    mutants = [m for m in load(a.mutants) if (not a.module or m["file"][:-3] in a.module) and (not a.only or m["id"] in a.only)]
     if a.list:
         for m in mutants:
             print(f"{m['id']:3d} {m['file']:14s} {m['what']}\n    {m['original']!r} -> {m['replacement']!r}\n"
