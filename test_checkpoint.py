@@ -106,7 +106,8 @@ def test_config_mismatch_names_each_differing_field_with_both_values():
 
 def test_a_state_split_into_parts_under_a_size_reads_back_whole(tmp_path):
     """save_parts: each file under max_bytes (a lent GPU brings back files of at most 16 MiB), read_parts
-    gives every array back; parts of two different checkpoints, or one part twice, are refused."""
+    gives every array back; parts of two different checkpoints, one part twice, or parts of two splits of
+    one state that overlap, are refused."""
     ema = random_params(0)
     meta = {"model": dataclasses.asdict(CFG), "step": 9}
     total = sum(a.nbytes for a in jax.tree.leaves(ema))
@@ -121,6 +122,9 @@ def test_a_state_split_into_parts_under_a_size_reads_back_whole(tmp_path):
     assert same(checkpoint.restore(template, arrays, "parts")["ema"], ema)
     with pytest.raises(ValueError, match="repeats arrays"):
         checkpoint.read_parts([paths[0], paths[0]])
+    halves = checkpoint.save_parts(str(tmp_path / "halves"), {"ema": ema}, meta, max_bytes=total // 2)
+    with pytest.raises(ValueError, match="repeats arrays"):  # the same state split twice: parts that overlap
+        checkpoint.read_parts([halves[0], paths[0]])
     other = checkpoint.save_parts(str(tmp_path / "other"), {"ema": ema}, {**meta, "step": 10}, max_bytes=total // 4)
     with pytest.raises(ValueError, match="another checkpoint"):
         checkpoint.read_parts([paths[0], other[1]])

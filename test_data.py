@@ -437,6 +437,8 @@ def test_youtubemix_cuts_long_files_into_rows_of_seq_len(tmp_path):
     assert (ds.train.lengths == 200).all()
     x = data.read_wav(folder / 'out000.wav')[0]
     assert (ds.train.tokens[1] == data.encode(x[200:400], 'mu-law')).all()
+    ds = data.load('youtubemix', data_dir=str(tmp_path), seq_len=150)  # another length: its own cache
+    assert ds.train.tokens.shape[1] == 150 and [len(getattr(ds, s)) for s in data.SPLITS] == [24, 3, 3]
     with pytest.raises(data.DataError, match='huggingface.co/datasets/krandiash/beethoven'):
         data.load('beethoven', data_dir=str(tmp_path / 'nowhere'))
 
