@@ -198,10 +198,12 @@ def test_unreadable_wavs_raise_an_error_naming_the_file_and_the_reason(tmp_path)
     raw_wav(tmp_path / 'nan.wav', 3, 32, 1, 16000, np.array([0, np.nan], np.float32).tobytes())
     raw_wav(tmp_path / 'inf.wav', 3, 64, 1, 16000, np.array([0, -np.inf, 0.5]).tobytes())
     raw_wav(tmp_path / 'no_samples.wav', 1, 16, 1, 16000, b'')
+    raw_wav(tmp_path / 'half_frame.wav', 1, 16, 2, 16000, b'\0' * 6)    # stereo: 1.5 frames of 4 bytes
     cases['alaw.wav'] = (None, 'unsupported encoding: format tag 6')
     cases['nan.wav'] = (None, 'NaN or inf')
     cases['inf.wav'] = (None, 'NaN or inf')
     cases['no_samples.wav'] = (None, 'no samples')
+    cases['half_frame.wav'] = (None, 'not whole 4-byte frames')
     cases['missing.wav'] = (None, 'cannot open')
     for name, (_, reason) in cases.items():
         with pytest.raises(data.WavError) as e:
@@ -212,10 +214,10 @@ def test_unreadable_wavs_raise_an_error_naming_the_file_and_the_reason(tmp_path)
 
 @pytest.mark.parametrize('rate_in, rate_out', [(44100, 16000), (22050, 16000), (8000, 16000)])
 def test_resampling_keeps_a_tone_and_its_timing(rate_in, rate_out):
-    n = rate_in // 2
+    n = rate_in // 2 + 1                  # half a second and one sample: 44.1 and 22.05 kHz give no whole count
     tone = np.sin(2 * np.pi * 1000 * np.arange(n) / rate_in)
     out = data.resample(tone, rate_in, rate_out)
-    assert len(out) == math.ceil(n * rate_out / rate_in)
+    assert len(out) == math.ceil(n * rate_out / rate_in)  # as scipy.signal.resample_poly: the last partial sample kept
     expected = np.sin(2 * np.pi * 1000 * np.arange(len(out)) / rate_out)
     interior = slice(200, -200)                                   # away from the zero-padded edges
     err = np.abs(out[interior] - expected[interior]).max()
@@ -455,6 +457,9 @@ def test_bytes_rows_cover_the_file_in_order_with_a_90_5_5_split(tmp_path):
     assert (ds.test.tokens[-1, ds.test.lengths[-1]:] == data.SILENCE).all() and (ds.test.labels == -1).all()
     with pytest.raises(data.DataError, match='need at least 3'):
         data.load('bytes', path=str(tmp_path / 'f.bin'), seq_len=8000)
+    (tmp_path / 'whole.bin').write_bytes(content[:640])                # 10 whole rows: the last one full too
+    ds = data.load('bytes', path=str(tmp_path / 'whole.bin'), seq_len=64)
+    assert [s.lengths.tolist() for s in (ds.train, ds.validation, ds.test)] == [[64] * 8, [64], [64]]
     out = subprocess.run([sys.executable, 'data.py', '--dataset', 'bytes', '--path', str(tmp_path / 'f.bin'),
                           '--seq-len', '64'], cwd=HERE, capture_output=True, text=True, check=True).stdout
     assert out.strip() == f'bytes: train {n_rows - 14} | validation 7 | test 7 rows of 64 bytes tokens'

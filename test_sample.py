@@ -249,6 +249,22 @@ def test_digit_guesses_are_each_clips_most_likely_digit(monkeypatch):
     assert sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 8000) is None  # not the classifier's rate
 
 
+def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, monkeypatch):
+    """With --generate 8 --n 3 the 3 most likely clips are written; samples.json gives each WAV the
+    classifier's guess for that WAV, not for the clip generated at its place. The classifier is stood in
+    for by a function of the audio it is given (its loudness), so the test needs no 16 kHz model."""
+    loudness = lambda audio: np.abs(audio).sum(-1)
+    monkeypatch.setattr(sample, "digit_guesses",
+                        lambda meta, audio, rate: [("seven", float(v)) for v in loudness(np.asarray(audio))])
+    cfg, p, meta = checkpoint.load_model(run_dir)
+    out = str(tmp_path / "kept")
+    sample.write_samples(cfg, p, meta, out, 3, generate_n=8, batch_size=8)
+    records, clips = read_clips(out)
+    assert [r["index"] for r in records] != [0, 1, 2]  # the kept clips are not the first three generated
+    for r, (audio, _) in zip(records, clips):
+        assert r["digit"] == "seven" and abs(r["digit_prob"] - loudness(audio)) < 0.01, (r, loudness(audio))
+
+
 @pytest.mark.parametrize("flags,words", [(["--temperature", "0"], "--temperature must be > 0"),
                                           (["--top-p", "0"], "--top-p in (0, 1]"),
                                           (["--generate", "1", "--n", "2"], "--generate 1 must be at least --n 2")])
