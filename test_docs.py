@@ -154,7 +154,7 @@ def test_every_linked_file_and_figure_exists(doc):
 
 @pytest.mark.parametrize("name,least", [("mutants.json", 90), ("mutants_blind.json", 48)])
 def test_the_mutation_rounds_lists_fit_the_code(name, least):
-    """Every mutant of .ci/mutants.json and of the held-out round finds its text exactly once (the runner
+    """Every mutant of .ci/mutants.json and of the held-out rounds finds its text exactly once (the runner
     refuses the list otherwise)."""
     runner = ci_script("mutants")
     mutants = runner.load(os.path.join(HERE, ".ci", name))

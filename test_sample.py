@@ -39,6 +39,20 @@ def model_logp(params, tokens):
     return np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(tokens)[..., None], -1)[..., 0]
 
 
+def assert_drawn_from(tokens, p):
+    """tokens (n, length) drawn with conditionals p (n, length, V): every token whose expected count
+    at a position is >= 20 is drawn as often as expected, and the drawn tokens' mean probability is
+    sum_v p_v^2, as for draws from p itself; each within 5 standard errors. -> p of each drawn token."""
+    drawn = np.eye(p.shape[-1])[np.asarray(tokens)]  # (n, length, V) one-hot
+    expected, var = p.sum(0), (p * (1 - p)).sum(0)  # per position and token
+    z_counts = np.abs(drawn.sum(0) - expected)[expected >= 20] / np.sqrt(var[expected >= 20])
+    assert z_counts.size > 20 and z_counts.max() < 5, z_counts.max()
+    p_drawn, sum_p2 = (drawn * p).sum(-1), (p**2).sum(-1)
+    z_sharp = (p_drawn - sum_p2).sum() / np.sqrt(((p**3).sum(-1) - sum_p2**2).sum())
+    assert abs(z_sharp) < 5, z_sharp
+    return p_drawn
+
+
 def test_free_running_sampler_draws_from_the_parallel_forward_distribution(params):
     """2048 sampled sequences of 6 tokens, judged by pf.apply's conditionals p(. | sampled prefix):
     (1) every token whose expected count is >= 20 at a position is drawn as often as expected;
@@ -51,13 +65,7 @@ def test_free_running_sampler_draws_from_the_parallel_forward_distribution(param
         jax.random.key(1))
     assert len(np.unique(np.asarray(tokens))) > 100  # really sampled, not a constant
     p = np.asarray(jax.nn.softmax(jax.jit(pf.apply, static_argnames="cfg")(params, tokens, CFG)), np.float64)
-    drawn = np.eye(CFG.vocab)[np.asarray(tokens)]  # (n, length, V) one-hot
-    expected, var = p.sum(0), (p * (1 - p)).sum(0)  # per position and token
-    z_counts = np.abs(drawn.sum(0) - expected)[expected >= 20] / np.sqrt(var[expected >= 20])
-    assert z_counts.size > 20 and z_counts.max() < 5, z_counts.max()
-    p_drawn, sum_p2 = (drawn * p).sum(-1), (p**2).sum(-1)
-    z_sharp = (p_drawn - sum_p2).sum() / np.sqrt(((p**3).sum(-1) - sum_p2**2).sum())
-    assert abs(z_sharp) < 5, z_sharp
+    p_drawn = assert_drawn_from(tokens, p)
     # (3) a token repeats its predecessor as often as p gives the predecessor (each step draws afresh: noise
     # reused across steps would repeat the last token far more often, with every marginal still right)
     tokens_np = np.asarray(tokens)
@@ -71,24 +79,15 @@ def test_free_running_sampler_draws_from_the_parallel_forward_distribution(param
 def test_tempered_nucleus_sampler_draws_from_filter_logits_of_the_parallel_forward(params):
     """At temperature 0.6 and top-p 0.9, 2048 sequences of 6 tokens, judged by the distribution
     filter_logits makes of pf.apply's logits (filter_logits itself is checked by hand below): no token
-    outside the nucleus is drawn, every token expected >= 20 times is drawn as often as expected, and
-    the drawn tokens' mean probability is sum_v q_v^2, each within 5 standard errors. A sampler that
-    swaps the two knobs, or ignores either, fails."""
+    outside the nucleus is drawn, and the counts and mean probability are those of q (assert_drawn_from).
+    A sampler that swaps the two knobs, or ignores either, fails."""
     n, length, t, top_p = 2048, 6, 0.6, 0.9
     tokens, _ = jax.jit(lambda k: sample.generate(params, CFG, k, jnp.zeros((n, length), jnp.int32), 0,
                                                   temperature=t, top_p=top_p))(jax.random.key(5))
     logits = jax.jit(pf.apply, static_argnames="cfg")(params, tokens, CFG)
     q = np.asarray(jax.nn.softmax(sample.filter_logits(logits.reshape(-1, CFG.vocab), t, top_p)), np.float64)
-    q = q.reshape(n, length, CFG.vocab)
-    drawn = np.eye(CFG.vocab)[np.asarray(tokens)]
-    q_drawn = (drawn * q).sum(-1)
+    q_drawn = assert_drawn_from(tokens, q.reshape(n, length, CFG.vocab))
     assert q_drawn.min() > 0  # nothing from outside the nucleus
-    expected, var = q.sum(0), (q * (1 - q)).sum(0)
-    z_counts = np.abs(drawn.sum(0) - expected)[expected >= 20] / np.sqrt(var[expected >= 20])
-    assert z_counts.size > 20 and z_counts.max() < 5, z_counts.max()
-    sum_q2 = (q**2).sum(-1)
-    z_sharp = (q_drawn - sum_q2).sum() / np.sqrt(((q**3).sum(-1) - sum_q2**2).sum())
-    assert abs(z_sharp) < 5, z_sharp
 
 
 def test_teacher_forced_sampler_reproduces_the_prompt_and_its_probabilities(params):

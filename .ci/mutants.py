@@ -6,7 +6,7 @@ against the tests that should catch it; prints the kill rate per module. Develop
     python .ci/mutants.py --only 3 17              # by number
     python .ci/mutants.py --list                   # the mutants, without running them
     python .ci/mutants.py --markdown docs/mutants.md   # also write the table of results
-    python .ci/mutants.py --mutants .ci/mutants_blind.json   # the held-out round (docs/mutants.md)
+    python .ci/mutants.py --mutants .ci/mutants_blind.json   # the held-out rounds (docs/mutants.md)
 
 Each mutant replaces one snippet, found exactly once, in a copy of the working tree, then runs
 `python -m pytest -x -q -p no:cacheprovider -p no_shrink <selection>` there for each of its test selections
@@ -140,7 +140,7 @@ def by_module(results):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mutants", default=MUTANTS,
-                   help="the list to run (default .ci/mutants.json; .ci/mutants_blind.json is the held-out round)")
+                   help="the list to run (default .ci/mutants.json; .ci/mutants_blind.json holds the held-out rounds)")
     p.add_argument("--module", action="append", choices=MODULES, help="only this module's mutants (repeatable)")
     p.add_argument("--only", type=int, nargs="+", help="only these mutants, by number")
     p.add_argument("--list", action="store_true", help="list the mutants and their tests; run nothing")
