@@ -158,7 +158,8 @@ def test_the_mutation_rounds_lists_fit_the_code(name, least):
     refuses the list otherwise)."""
     runner = ci_script("mutants")
     mutants = runner.load(os.path.join(HERE, ".ci", name))
-    assert len(mutants) >= least and {m["file"] for m in mutants} == {f"{m}.py" for m in runner.MODULES}
+    files = {m["file"] for m in mutants}
+    assert len(mutants) >= least and {f"{m}.py" for m in runner.MODULES[:6]} <= files <= set(runner.FILES.values())
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -1,5 +1,6 @@
-"""The mutation round: bugs put by hand into pf, sample, train, checkpoint, metrics and data, each run
-against the tests that should catch it; prints the kill rate per module. Development only, not CI.
+"""The mutation round: bugs put by hand into pf, sample, train, checkpoint, metrics and data (the held-out
+rounds also into bench and .ci/full_size), each run against the tests that should catch it; prints the
+kill rate per module. Development only, not CI.
 
     python .ci/mutants.py                          # every mutant (about an hour on 2 cores)
     python .ci/mutants.py --module pf --module sample
@@ -28,7 +29,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTANTS = os.path.join(ROOT, ".ci", "mutants.json")
-MODULES = ("pf", "sample", "train", "checkpoint", "metrics", "data")
+MODULES = ("pf", "sample", "train", "checkpoint", "metrics", "data", "bench", "full_size")
+FILES = {m: f"{m}.py" for m in MODULES} | {"full_size": ".ci/full_size.py"}  # the GPU leg's script (round 3)
 
 
 def load(path=MUTANTS):
@@ -58,7 +60,9 @@ def tracked_copy():
 def pytest(selection, copy, timeout):
     """One pytest run of a selection ('test_x.py::test_y ...' or 'test_x.py -k EXPR') in the copy:
     -> (passed, the first failed test or pytest's last line)."""
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "mutants-jax-cache"),
+    # One compilation cache per round, next to the copy: a cache kept from a round over other code can hand
+    # a program compiled at other line numbers (JAX's cache key leaves out the source lines it records).
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": copy + "-jax-cache",
            "PYTHONPATH": os.pathsep.join([os.path.join(copy, ".ci"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-p", "no_shrink"]
     proc = subprocess.run(command + shlex.split(selection), cwd=copy, env=env, capture_output=True, text=True,
@@ -133,7 +137,7 @@ def table(results, before=None):
 def by_module(results):
     groups = collections.OrderedDict((m, []) for m in MODULES)
     for r in results:
-        groups[r["file"][:-3]].append(r)
+        groups[os.path.basename(r["file"])[:-3]].append(r)
     return {m: rs for m, rs in groups.items() if rs}
 
 
@@ -153,7 +157,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    mutants = [m for m in load(a.mutants) if (not a.module or m["file"][:-3] in a.module) and (not a.only or m["id"] in a.only)]
+    mutants = [m for m in load(a.mutants) if (not a.module or os.path.basename(m["file"])[:-3] in a.module) and (not a.only or m["id"] in a.only)]
     if a.list:
         for m in mutants:
             print(f"{m['id']:3d} {m['file']:14s} {m['what']}\n    {m['original']!r} -> {m['replacement']!r}\n"
@@ -170,6 +174,7 @@ def main(argv=None):
             print(f"{m['id']:3d} {m['file']:14s} {outcome:9s} {seconds:6.1f} s  {failed or ''}", flush=True)
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(copy + "-jax-cache", ignore_errors=True)
     before = None
     if a.before:
         with open(a.before) as f:
