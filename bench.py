@@ -387,9 +387,9 @@ def part_train(a):
             out.append({"variant": run["variant"], "error": run.get("error")})
             continue
         s = float(np.median(run["times"]))
-        out.append({"variant": run["variant"], "ms_per_step": 1000 * s, "tokens_per_s": n_tokens / s,
-                    "trace_s": run["trace_s"], "compile_s": run["compile_s"], "memory_gib": run["memory_gib"],
-                    "loss_bits": run["loss_bits"], "hbm_gb_per_step": run["hbm_gb"],
+        out.append({"variant": run["variant"], "ms_per_step": 1000 * s, "timed_steps": len(run["times"]),
+                    "tokens_per_s": n_tokens / s, "trace_s": run["trace_s"], "compile_s": run["compile_s"],
+                    "memory_gib": run["memory_gib"], "loss_bits": run["loss_bits"], "hbm_gb_per_step": run["hbm_gb"],
                     "model_gflops_per_step": 3 * count_flops(run["cfg"]) * n_tokens / 1e9,
                     "params": run["params"], **({"profile": run["profile"]} if "profile" in run else {})})
     out[0]["peak_mem_gib"] = peak_gib()  # of the whole process: the first variant's alone if it is the only one

@@ -536,6 +536,11 @@ def test_warm_start_continues_from_ema_weights_in_parts_with_a_fresh_optimiser(d
     assert records[0] == {"step": 3, "minutes": records[0]["minutes"], "leg": 2, "warm_start": parts}
     assert records[0]["minutes"] >= meta["minutes"] > 0
     assert [r["step"] for r in records if "loss_bits" in r] == [4, 5]
+    # a rerun of the leg (.ci/full_size.py passes --resume and --warm-start) goes on from its own checkpoint
+    assert train.main(args(data_dir, leg2, "--steps", "6", "--resume", "--warm-start", *parts)) == 0
+    records = log_records(leg2)
+    assert [r["step"] for r in records if "loss_bits" in r] == [4, 5, 6]
+    assert [r["step"] for r in records if "warm_start" in r] == [3]
     # weights of another model config are refused by name
     with pytest.raises(SystemExit, match="d_model: checkpoint 16 vs requested 32"):
         train.main(args(data_dir, str(tmp_path / "leg3"), "--d-model", "32", "--warm-start", *parts))
@@ -572,18 +577,45 @@ def test_the_full_size_leg_runs_end_to_end_at_tiny_size_and_packs_what_comes_bac
         np.testing.assert_array_equal(arrays[f"ema/{k}"], v)
 
 
-def test_the_next_full_size_leg_warm_starts_from_the_carried_parts(tmp_path, monkeypatch):
+def test_a_full_size_leg_packs_the_newest_checkpoints_ema_and_the_baselines_fits_in_two_parts(tmp_path):
+    """What a leg brings back for the next: the EMA of the run's newest checkpoint (where the next leg goes
+    on), not an older one's and not the raw parameters; and the baseline's 7.27M float32 weights (29 MB)
+    split in two files, each under the 16 MiB a lent machine returns, 8 files in all."""
     module = full_size_script()
-    (tmp_path / ".full").mkdir()
-    for name in ("ema-2of2.npz", "ema-1of2.npz"):
-        (tmp_path / ".full" / name).write_bytes(b"")
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    (run_dir / "samples").mkdir(parents=True)
+    (run_dir / "samples" / "sample_000.wav").write_bytes(b"RIFF")
+    for step in (10, 20):
+        state = {"params": {"w": np.full(3, -step, np.float32)}, "ema": {"w": np.full(3, step, np.float32)}}
+        checkpoint.save_checkpoint(str(run_dir / f"ckpt_{step:08d}.npz"), state, {"step": step})
+    paths = module.pack(str(run_dir), str(out))
+    meta, arrays = checkpoint.read_parts(paths)
+    assert meta == {"step": 20} and set(arrays) == {"ema/w"} and arrays["ema/w"].tolist() == [20, 20, 20]
+    sizes = module.ema_sizes()  # pf.Config(): the thesis baseline
+    assert round(sum(sizes) / 4 / 1e6, 2) == 7.27  # the thesis' 7.27M parameters, 4 bytes each
+    parts = module.weight_parts(sizes)
+    assert len(parts) == 2 and sorted(i for part in parts for i in part) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in part) < 16 * 2**20 for part in parts)
+
+
+def test_the_next_full_size_leg_installs_the_carried_wheels_and_warm_starts_from_its_parts(tmp_path, monkeypatch):
+    module = full_size_script()
+    wheel = "espeakng_loader-0.2.4-py3-none-any.whl"
+    for folder, names in ((".full", ("ema-2of2.npz", "ema-1of2.npz")), (".whl", (wheel,))):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
     commands = []
     monkeypatch.setattr(module, "ROOT", str(tmp_path))
-    monkeypatch.setattr(module, "run", lambda command, env: commands.append(command))
+    monkeypatch.setattr(module, "run", lambda command, env: commands.append((command, env)))
     monkeypatch.setattr(module, "pack", lambda run_dir, out: None)
     monkeypatch.setattr(module, "ema_sizes", lambda *flags: [10**6] * 28)  # the baseline's ~28 MB: 2 parts
     assert module.main(["--out", str(tmp_path / "o"), "--minutes", "5"]) == 0
-    (command,) = commands
+    (pip, _), (command, env) = commands  # the wheels first (a lent machine has no package registry), then train.py
+    site = pip[pip.index("--target") + 1]
+    assert pip[1:4] == ["-m", "pip", "install"] and "--no-index" in pip
+    assert pip[-1] == str(tmp_path / ".whl" / wheel)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == site
     parts = [str(tmp_path / ".full" / f"ema-{i}of2.npz") for i in (1, 2)]
     assert command[command.index("--warm-start") + 1:][:2] == parts
     for flag, value in (("--preset", "sc09"), ("--dtype", "bfloat16"), ("--minutes", "5.0"), ("--dataset", "sc09-espeak")):
