@@ -159,7 +159,8 @@ def test_the_mutation_rounds_lists_fit_the_code(name, least):
     runner = ci_script("mutants")
     mutants = runner.load(os.path.join(HERE, ".ci", name))
     files = {m["file"] for m in mutants}
-    assert len(mutants) >= least and {f"{m}.py" for m in runner.MODULES[:6]} <= files <= set(runner.FILES.values())
+    core = {f"{m}.py" for m in runner.MODULES[:6]}  # every list covers pf ... data; the held-out rounds more
+    assert len(mutants) >= least and core <= files <= set(runner.FILES.values())
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -33,6 +33,11 @@ MODULES = ("pf", "sample", "train", "checkpoint", "metrics", "data", "bench", "f
 FILES = {m: f"{m}.py" for m in MODULES} | {"full_size": ".ci/full_size.py"}  # the GPU leg's script (round 3)
 
 
+def module_of(mutant):
+    """The module a mutant's file is (pf.py -> pf, .ci/full_size.py -> full_size)."""
+    return os.path.basename(mutant["file"])[:-3]
+
+
 def load(path=MUTANTS):
     with open(path) as f:
         mutants = json.load(f)
@@ -137,7 +142,7 @@ def table(results, before=None):
 def by_module(results):
     groups = collections.OrderedDict((m, []) for m in MODULES)
     for r in results:
-        groups[os.path.basename(r["file"])[:-3]].append(r)
+        groups[module_of(r)].append(r)
     return {m: rs for m, rs in groups.items() if rs}
 
 
@@ -157,7 +162,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    mutants = [m for m in load(a.mutants) if (not a.module or os.path.basename(m["file"])[:-3] in a.module) and (not a.only or m["id"] in a.only)]
+    mutants = [m for m in load(a.mutants) if (not a.module or module_of(m) in a.module) and (not a.only or m["id"] in a.only)]
     if a.list:
         for m in mutants:
             print(f"{m['id']:3d} {m['file']:14s} {m['what']}\n    {m['original']!r} -> {m['replacement']!r}\n"
