@@ -71,6 +71,14 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_one_before_used(tmp_pat
     assert meta["step"] == 3 and path.endswith("ckpt_00000003.npz")
     assert "ckpt_00000006.npz is unreadable" in capsys.readouterr().out
     assert checkpoint.first_readable([]) is None
+    # load_model: past a corrupt best.npz to the newest readable checkpoint; none readable, one error line
+    (tmp_path / "best.npz").write_bytes(raw[: len(raw) // 2])
+    _, params, meta = checkpoint.load_model(str(tmp_path))
+    assert meta["step"] == 3 and same(params, random_params(3))
+    (tmp_path / "ckpt_00000003.npz").write_bytes(b"not a zip file")
+    with pytest.raises(SystemExit) as e:
+        checkpoint.load_model(str(tmp_path))
+    assert str(e.value) == f"error: no readable checkpoint in {tmp_path}"
 
 
 def test_a_pickled_object_array_is_refused(tmp_path, capsys):

@@ -351,6 +351,17 @@ def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny
     os.utime(root / listed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, whatever the clock
     fourth = data.load('sc09', data_dir=str(tmp_path), path=str(root))
     assert (fourth.validation.tokens[0, :500] == data.mu_law_encode(np.linspace(1, -1, 500))).all()
+    # and so do edited split lists, even where the clips in split order stay the same: a, b | c -> a | b, c
+    a, b, c = (f'nine/{p.name}' for p in sorted((root / 'nine').glob('*.wav'))[:3])
+    for validation, test in (([a, b], [c]), ([a], [b, c])):
+        (root / 'validation_list.txt').write_text(''.join(f'{n}\n' for n in validation))
+        (root / 'testing_list.txt').write_text(''.join(f'{n}\n' for n in test))
+        ds = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+        assert (len(ds.validation), len(ds.test)) == (len(validation), len(test))
+    # a cache file that holds a pickled object is refused, never unpickled
+    np.save(next((tmp_path / 'cache').glob('*/train_labels.npy')), np.array([{}] * 3, object), allow_pickle=True)
+    with pytest.raises(ValueError, match='allow_pickle=False'):
+        data.load('sc09', data_dir=str(tmp_path), path=str(root))
 
 
 def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tiny, tmp_path, capsys, monkeypatch):
@@ -551,10 +562,11 @@ def make_archive(tiny_root, members_extra=()):
 
 
 class RangeServer(BaseHTTPRequestHandler):
-    body, ranges = b'', []
+    body, ranges, honours_range = b'', [], True
 
     def do_GET(self):
         start = int(re.match(r'bytes=(\d+)-', self.headers.get('Range', 'bytes=0-')).group(1))
+        start = start if self.honours_range else 0  # a server without Range support sends it all, with 200
         RangeServer.ranges.append(self.headers.get('Range'))
         self.send_response(206 if start else 200)
         self.send_header('Content-Length', str(len(self.body) - start))
@@ -585,6 +597,24 @@ def test_download_resumes_a_partial_file_verifies_sha256_and_extracts_only_digit
         with pytest.raises(data.DataError, match='sha256'):
             data.load('sc09', data_dir=str(tmp_path / 'other'))
         assert not os.path.exists(tmp_path / 'other' / 'speech_commands_v0.02.tar.gz.part')
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_download_resumed_from_a_server_that_ignores_range_starts_the_file_again(tmp_path, monkeypatch):
+    """HTTP 200 to a Range request is the whole file: appended to the .part it would fail its checksum."""
+    archive = bytes(range(256)) * 40
+    monkeypatch.setattr(RangeServer, 'body', archive)
+    monkeypatch.setattr(RangeServer, 'ranges', [])
+    monkeypatch.setattr(RangeServer, 'honours_range', False)
+    server = ThreadingHTTPServer(('127.0.0.1', 0), RangeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / 'a.tar.gz'
+        (tmp_path / 'a.tar.gz.part').write_bytes(archive[:1000])
+        data._download(f'http://127.0.0.1:{server.server_port}/a.tar.gz', str(dest), hashlib.sha256(archive).hexdigest())
+        assert RangeServer.ranges == ['bytes=1000-'] and dest.read_bytes() == archive
     finally:
         server.shutdown()
         server.server_close()

@@ -704,3 +704,25 @@ def test_compare_runs_reads_equal_minutes_and_equal_steps(tmp_path):
     assert (pooled["val_equal_steps"], flat["val_equal_steps"]) == (5.5, 6.1)
     with pytest.raises(SystemExit, match="not a train.py run folder"):
         metrics.compare_runs([str(tmp_path)])
+
+
+@pytest.mark.parametrize('case', ['one_wav', 'rate_8k', 'no_params', 'clips_0'])
+def test_bad_input_to_evaluate_and_frames_ends_in_an_error_line_naming_it(case, tmp_path):
+    """Each refused before any score is computed: a single clip (no covariance), 8 kHz clips (the
+    classifier hears 16 kHz), a --classifier folder without params.npz, frames --clips 0."""
+    samples = tmp_path / 'samples'
+    samples.mkdir()
+    rate = 8000 if case == 'rate_8k' else 16000
+    for i in range(1 if case == 'one_wav' else 2):
+        data.write_wav(samples / f'{i}.wav', np.zeros(rate), rate)
+    (tmp_path / 'empty').mkdir()
+    argv, words = {
+        'one_wav': (['evaluate', '--samples', str(samples)], 'need at least 2 .wav files, found 1'),
+        'rate_8k': (['evaluate', '--samples', str(samples)], '8000 Hz, the classifier needs 16000 Hz'),
+        'no_params': (['evaluate', '--samples', str(samples), '--classifier', str(tmp_path / 'empty')],
+                      f'no digit classifier in {tmp_path / "empty"}'),
+        'clips_0': (['frames', '--checkpoint', str(tmp_path), '--clips', '0'], '--clips 0 must be >= 1'),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        metrics.main(argv)
+    assert str(e.value).startswith('error: ') and words in str(e.value), str(e.value)

@@ -270,3 +270,10 @@ def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, 
 def test_bad_sampling_flags_are_refused(flags, words):
     with pytest.raises(SystemExit, match=re.escape(words)):
         sample.parse_args(["--checkpoint", "x", "--out", "y", *flags])
+
+
+def test_a_corrupt_prompt_wav_ends_in_one_error_line_naming_it(run_dir, tmp_path):
+    bad = tmp_path / "prompt.wav"
+    bad.write_bytes(b"RIFF, but not audio")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {bad}") + ".*not a RIFF/WAVE file"):
+        sample.main(["--checkpoint", run_dir, "--n", "1", "--out", str(tmp_path / "out"), "--prompt", str(bad)])

@@ -819,7 +819,8 @@ def interrupt(data_dir, compile_cache, out, signum):
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "continue with --resume" in log, log
     saved = final_params(out)[0]["step"]
-    assert saved >= 2 and saved == max(r["step"] for r in log_records(out) if "loss_bits" in r)
+    # it stopped at the signal: not after its 1000 steps (then saving and exiting 130 would look the same)
+    assert 2 <= saved < 1000 and saved == max(r["step"] for r in log_records(out) if "loss_bits" in r)
     return argv, saved
 
 
@@ -901,6 +902,30 @@ def test_minutes_budget_must_be_positive(minutes, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--snapshot-minutes", minutes])
     assert e.value.code == 2 and f"--snapshot-minutes {float(minutes)} must be > 0" in capsys.readouterr().err
+
+
+# TrainConfig's counts, written out here (not read from train.POSITIVE): each must be >= 1 where set.
+COUNTS = ("batch_size", "microbatch", "epochs", "warmup", "log_every", "ckpt_every", "keep", "eval_every",
+          "eval_clips", "max_bad_steps", "train_clips")
+REFUSED = [*({f: 0} for f in COUNTS), {"steps": -1}, {"lr": 0.0}, {"b1": 1.0}, {"b2": 1.0}, {"ema": 1.0},
+           {"ema": -0.1}, {"weight_decay": -1e-4}, {"input_noise": 1.01}, {"input_noise": -0.01}]
+ACCEPTED = [*({f: 1} for f in COUNTS), {"steps": 0}, {"b1": 0.0}, {"b2": 0.0}, {"ema": 0.0}, {"ema": 0.9999},
+            {"weight_decay": 0.0}, {"input_noise": 0.0}, {"input_noise": 1.0}]
+
+
+@pytest.mark.parametrize("change", REFUSED, ids=lambda c: "{}={}".format(*next(iter(c.items()))))
+def test_a_value_just_outside_its_range_is_refused_naming_the_flag(change):
+    """check_config at each range's edge, one step outside: --microbatch 0 would otherwise run without
+    accumulation (0 reads as 'the whole batch'), --ema 1 would keep the initial weights for ever."""
+    (field, value), = change.items()
+    with pytest.raises(SystemExit) as e:
+        train.check_config(pf.Config(), train.TrainConfig(**change))
+    assert str(e.value).startswith("error:") and f"--{field.replace('_', '-')}" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("change", ACCEPTED, ids=lambda c: "{}={}".format(*next(iter(c.items()))))
+def test_a_value_at_the_edge_of_its_range_is_accepted(change):
+    train.check_config(pf.Config(), train.TrainConfig(**change))
 
 
 def test_train_clips_trains_and_validates_on_the_first_clip_of_each_digit_in_turn():
