@@ -917,7 +917,7 @@ ACCEPTED = [*({f: 1} for f in COUNTS), {"steps": 0}, {"b1": 0.0}, {"b2": 0.0}, {
 def test_a_value_just_outside_its_range_is_refused_naming_the_flag(change):
     """check_config at each range's edge, one step outside: --microbatch 0 would otherwise run without
     accumulation (0 reads as 'the whole batch'), --ema 1 would keep the initial weights for ever."""
-    (field, value), = change.items()
+    (field, _), = change.items()
     with pytest.raises(SystemExit) as e:
         train.check_config(pf.Config(), train.TrainConfig(**change))
     assert str(e.value).startswith("error:") and f"--{field.replace('_', '-')}" in str(e.value), str(e.value)
