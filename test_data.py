@@ -358,8 +358,11 @@ def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny
         (root / 'testing_list.txt').write_text(''.join(f'{n}\n' for n in test))
         ds = data.load('sc09', data_dir=str(tmp_path), path=str(root))
         assert (len(ds.validation), len(ds.test)) == (len(validation), len(test))
-    # a cache file that holds a pickled object is refused, never unpickled
-    np.save(next((tmp_path / 'cache').glob('*/train_labels.npy')), np.array([{}] * 3, object), allow_pickle=True)
+    # a cache file whose header declares object entries (a pickle would follow) is refused, never unpickled;
+    # planted as a header and bytes, so that nothing here pickles either
+    with open(next((tmp_path / 'cache').glob('*/train_labels.npy')), 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': '|O', 'fortran_order': False, 'shape': (3,)})
+        f.write(b'not a pickle')
     with pytest.raises(ValueError, match='allow_pickle=False'):
         data.load('sc09', data_dir=str(tmp_path), path=str(root))
 
