@@ -580,47 +580,47 @@ class RangeServer(BaseHTTPRequestHandler):
         pass
 
 
-def test_download_resumes_a_partial_file_verifies_sha256_and_extracts_only_digits(tiny, tmp_path, monkeypatch, capsys):
-    archive = make_archive(tiny[0])
-    RangeServer.body, RangeServer.ranges = archive, []
+@pytest.fixture
+def range_server(monkeypatch):
+    """RangeServer on a free local port for one test (its class attributes restored after): -> its URL."""
+    monkeypatch.setattr(RangeServer, 'ranges', [])
     server = ThreadingHTTPServer(('127.0.0.1', 0), RangeServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setattr(data, 'SC09_URL', f'http://127.0.0.1:{server.server_port}/speech_commands_v0.02.tar.gz')
-        monkeypatch.setattr(data, 'SC09_SHA256', hashlib.sha256(archive).hexdigest())
-        (tmp_path / 'speech_commands_v0.02.tar.gz.part').write_bytes(archive[:1000])
-        ds = data.load('sc09', data_dir=str(tmp_path))
-        assert RangeServer.ranges == ['bytes=1000-']
-        assert (tmp_path / 'speech_commands_v0.02.tar.gz').read_bytes() == archive
-        assert sorted(os.listdir(tmp_path / 'sc09')) == sorted([*data.DIGITS, 'testing_list.txt', 'validation_list.txt'])
-        assert (len(ds.train), len(ds.validation), len(ds.test)) == (14, 0, 0)
-        assert 'downloading' in capsys.readouterr().err
-        # a corrupted download is deleted, with an error that says so
-        monkeypatch.setattr(data, 'SC09_SHA256', '0' * 64)
-        with pytest.raises(data.DataError, match='sha256'):
-            data.load('sc09', data_dir=str(tmp_path / 'other'))
-        assert not os.path.exists(tmp_path / 'other' / 'speech_commands_v0.02.tar.gz.part')
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield f'http://127.0.0.1:{server.server_port}'
+    server.shutdown()
+    server.server_close()
 
 
-def test_a_download_resumed_from_a_server_that_ignores_range_starts_the_file_again(tmp_path, monkeypatch):
+def test_download_resumes_a_partial_file_verifies_sha256_and_extracts_only_digits(tiny, tmp_path, monkeypatch,
+                                                                                    capsys, range_server):
+    archive = make_archive(tiny[0])
+    monkeypatch.setattr(RangeServer, 'body', archive)
+    monkeypatch.setattr(data, 'SC09_URL', f'{range_server}/speech_commands_v0.02.tar.gz')
+    monkeypatch.setattr(data, 'SC09_SHA256', hashlib.sha256(archive).hexdigest())
+    (tmp_path / 'speech_commands_v0.02.tar.gz.part').write_bytes(archive[:1000])
+    ds = data.load('sc09', data_dir=str(tmp_path))
+    assert RangeServer.ranges == ['bytes=1000-']
+    assert (tmp_path / 'speech_commands_v0.02.tar.gz').read_bytes() == archive
+    assert sorted(os.listdir(tmp_path / 'sc09')) == sorted([*data.DIGITS, 'testing_list.txt', 'validation_list.txt'])
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (14, 0, 0)
+    assert 'downloading' in capsys.readouterr().err
+    # a corrupted download is deleted, with an error that says so
+    monkeypatch.setattr(data, 'SC09_SHA256', '0' * 64)
+    with pytest.raises(data.DataError, match='sha256'):
+        data.load('sc09', data_dir=str(tmp_path / 'other'))
+    assert not os.path.exists(tmp_path / 'other' / 'speech_commands_v0.02.tar.gz.part')
+
+
+def test_a_download_resumed_from_a_server_that_ignores_range_starts_the_file_again(tmp_path, monkeypatch,
+                                                                                     range_server):
     """HTTP 200 to a Range request is the whole file: appended to the .part it would fail its checksum."""
     archive = bytes(range(256)) * 40
     monkeypatch.setattr(RangeServer, 'body', archive)
-    monkeypatch.setattr(RangeServer, 'ranges', [])
     monkeypatch.setattr(RangeServer, 'honours_range', False)
-    server = ThreadingHTTPServer(('127.0.0.1', 0), RangeServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dest = tmp_path / 'a.tar.gz'
-        (tmp_path / 'a.tar.gz.part').write_bytes(archive[:1000])
-        data._download(f'http://127.0.0.1:{server.server_port}/a.tar.gz', str(dest), hashlib.sha256(archive).hexdigest())
-        assert RangeServer.ranges == ['bytes=1000-'] and dest.read_bytes() == archive
-    finally:
-        server.shutdown()
-        server.server_close()
+    dest = tmp_path / 'a.tar.gz'
+    (tmp_path / 'a.tar.gz.part').write_bytes(archive[:1000])
+    data._download(f'{range_server}/a.tar.gz', str(dest), hashlib.sha256(archive).hexdigest())
+    assert RangeServer.ranges == ['bytes=1000-'] and dest.read_bytes() == archive
 
 
 @pytest.mark.parametrize('kind', ['dotdot', 'absolute', 'symlink', 'hardlink', 'fifo', 'device'])

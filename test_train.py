@@ -911,9 +911,10 @@ REFUSED = [*({f: 0} for f in COUNTS), {"steps": -1}, {"lr": 0.0}, {"b1": 1.0}, {
            {"ema": -0.1}, {"weight_decay": -1e-4}, {"input_noise": 1.01}, {"input_noise": -0.01}]
 ACCEPTED = [*({f: 1} for f in COUNTS), {"steps": 0}, {"b1": 0.0}, {"b2": 0.0}, {"ema": 0.0}, {"ema": 0.9999},
             {"weight_decay": 0.0}, {"input_noise": 0.0}, {"input_noise": 1.0}]
+change_id = lambda change: "{}={}".format(*next(iter(change.items())))  # {"ema": 1.0} -> ema=1.0
 
 
-@pytest.mark.parametrize("change", REFUSED, ids=lambda c: "{}={}".format(*next(iter(c.items()))))
+@pytest.mark.parametrize("change", REFUSED, ids=change_id)
 def test_a_value_just_outside_its_range_is_refused_naming_the_flag(change):
     """check_config at each range's edge, one step outside: --microbatch 0 would otherwise run without
     accumulation (0 reads as 'the whole batch'), --ema 1 would keep the initial weights for ever."""
@@ -923,7 +924,7 @@ def test_a_value_just_outside_its_range_is_refused_naming_the_flag(change):
     assert str(e.value).startswith("error:") and f"--{field.replace('_', '-')}" in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("change", ACCEPTED, ids=lambda c: "{}={}".format(*next(iter(c.items()))))
+@pytest.mark.parametrize("change", ACCEPTED, ids=change_id)
 def test_a_value_at_the_edge_of_its_range_is_accepted(change):
     train.check_config(pf.Config(), train.TrainConfig(**change))
 
