@@ -248,10 +248,11 @@ def test_digit_guesses_are_each_clips_most_likely_digit(monkeypatch):
     assert sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 8000) is None  # not the classifier's rate
 
 
-def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, monkeypatch):
+def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, monkeypatch, capsys):
     """With --generate 8 --n 3 the 3 most likely clips are written; samples.json gives each WAV the
-    classifier's guess for that WAV, not for the clip generated at its place. The classifier is stood in
-    for by a function of the audio it is given (its loudness), so the test needs no 16 kHz model."""
+    classifier's guess for that WAV, not for the clip generated at its place, and the mean NLL printed is
+    the kept clips'. The classifier is stood in for by a function of the audio it is given (its
+    loudness), so the test needs no 16 kHz model."""
     loudness = lambda audio: np.abs(audio).sum(-1)
     monkeypatch.setattr(sample, "digit_guesses",
                         lambda meta, audio, rate: [("seven", float(v)) for v in loudness(np.asarray(audio))])
@@ -262,6 +263,8 @@ def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, 
     assert [r["index"] for r in records] != [0, 1, 2]  # the kept clips are not the first three generated
     for r, (audio, _) in zip(records, clips):
         assert r["digit"] == "seven" and abs(r["digit_prob"] - loudness(audio)) < 0.01, (r, loudness(audio))
+    printed = float(re.search(r"mean NLL ([0-9.]+) bits", capsys.readouterr().out).group(1))
+    assert abs(printed - np.mean([r["nll_bits"] for r in records])) < 1e-3  # the 3 written, not all 8 drawn
 
 
 @pytest.mark.parametrize("flags,words", [(["--temperature", "0"], "--temperature must be > 0"),

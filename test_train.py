@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -456,10 +457,11 @@ def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(
 
 
 def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_a_resume(
-        data_dir, tmp_path, monkeypatch):
+        data_dir, tmp_path, monkeypatch, capsys):
     """With the step and the evaluation stubbed: each evaluation logs validation's NLL as val_nll_bits and
     the test split's as test_nll_bits (each split's own fingerprint); tokens_per_s is the batch's real
-    tokens over the step's time; a resumed run's minutes go on from the checkpoint's."""
+    tokens over the step's time; a resumed run's minutes go on from the checkpoint's. The header's
+    unigram entropy is the training split's real tokens' entropy in bits."""
     ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
     fingerprint = lambda split: float(split.tokens[:2, :40].sum())
 
@@ -470,6 +472,10 @@ def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_
     out = str(tmp_path / "logged")
     assert train.main(args(data_dir, out, "--steps", "4", "--eval-every", "2")) == 0
     first = log_records(out)
+    counts = np.bincount(ds.train.tokens[np.arange(160) < ds.train.lengths[:, None]], minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    printed = float(re.search(r"unigram entropy ([0-9.]+) bits", capsys.readouterr().out).group(1))
+    assert abs(printed + np.sum(p * np.log2(p))) < 0.006  # printed to 2 decimals; in nats it would be 0.69x
     assert train.main(args(data_dir, out, "--steps", "6", "--eval-every", "2", "--resume")) == 0
     records = log_records(out)
     evals = [r for r in records if "val_nll_bits" in r]
