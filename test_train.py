@@ -472,7 +472,7 @@ def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_
     out = str(tmp_path / "logged")
     assert train.main(args(data_dir, out, "--steps", "4", "--eval-every", "2")) == 0
     first = log_records(out)
-    counts = np.bincount(ds.train.tokens[np.arange(160) < ds.train.lengths[:, None]], minlength=256)
+    counts = np.bincount(ds.train.tokens[np.arange(ds.seq_len) < ds.train.lengths[:, None]], minlength=256)
     p = counts[counts > 0] / counts.sum()
     printed = float(re.search(r"unigram entropy ([0-9.]+) bits", capsys.readouterr().out).group(1))
     assert abs(printed + np.sum(p * np.log2(p))) < 0.006  # printed to 2 decimals; in nats it would be 0.69x
