@@ -9,7 +9,8 @@ Every part runs in a fresh subprocess (`--part NAME`), so its peak memory (max R
 Prints a table and writes bench.json. Model FLOPs are counted from the architecture (count_flops):
 2 x multiply-adds of every dense, gate and pooling matmul and the head, per token at each level's
 rate; a training step is 3x the forward (forward + backward); the recomputation of rematerialised
-ResBlocks, elementwise work (the scan, norms, activations) and the zeros of the RG-LRU gates' dense
+ResBlocks, elementwise work (the scan, norms, activations), the attention ablation's scores and their
+weighting of the values (quadratic in its level's length) and the zeros of the RG-LRU gates' dense
 matmul (pf.block_diagonal: the model's FLOPs are its 32 blocks') are not counted. test_bench.py checks
 the count against the matmuls JAX traces. MFU = counted FLOPs per second / the matmul peak (part
 `matmul`, a 2048^3 float32 matmul).

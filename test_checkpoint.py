@@ -52,6 +52,24 @@ def test_load_model_takes_best_npz_before_a_newer_checkpoint_and_the_ema_weights
     assert meta["step"] == 10 and same(params, newer)
 
 
+@pytest.mark.parametrize("changes", [
+    {"skip": "long", "placement": "after", "deepest": "attention", "embedding": "learned", "norm": "rms",
+     "gated": False, "groups": 2, "ring": "circle", "scale": 0.5, "dropout": 0.1},
+    {"complex_rnn": False, "embedding": "linear", "norm": "none", "scale": 0.0, "pooling": (2, 2), "layers": (1, 0, 2)},
+])
+def test_every_ablations_checkpoint_loads_back_as_its_own_config(changes, tmp_path):
+    """A run of the thesis' ablations (every field it ablates off its default, between the two cases) is
+    sampled and scored as itself: load_model gives back the saved config, field by field, and its arrays."""
+    cfg = dataclasses.replace(CFG, **changes)
+    shapes = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
+    rng = np.random.default_rng(0)
+    ema = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+    checkpoint.save_checkpoint(str(tmp_path / "best.npz"), {"ema": ema},
+                               {"model": dataclasses.asdict(cfg), "step": 1, "data": {"name": "x"}})
+    loaded, params, _ = checkpoint.load_model(str(tmp_path))
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(cfg) and same(params, ema)
+
+
 def test_without_best_npz_the_newest_checkpoint_loads_quietly(tmp_path, capsys):
     for step in (3, 6):
         save(tmp_path / f"ckpt_{step:08d}.npz", step, random_params(step))

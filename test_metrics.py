@@ -613,6 +613,20 @@ def test_figures_command_reads_a_train_checkpoint(tmp_path):
         assert matplotlib.image.imread(str(tmp_path / f'{name}.png')).shape[2] == 4
 
 
+@pytest.mark.parametrize('ring,mean_abs_a', [('small', 0.945), ('circle', 0.660)])
+def test_figures_init_draws_a_fresh_baseline_from_the_requested_ring(ring, mean_abs_a, tmp_path):
+    """`figures --init RING` (thesis Figure 4.7's left column): a freshly initialised baseline, its |a| drawn
+    as sqrt(U[min^2, max^2]). Its mean, E sqrt(U) = 2/3 (max^3 - min^3) / (max^2 - min^2), is 0.945 for the
+    small ring's [0.9, 0.99] and 0.660 for the circle's [0.01, 0.99]. The mean of each of the 36 layers'
+    128 values is within 0.1 of it (5 standard errors of the circle's), their mean within 0.02 (6)."""
+    metrics.main(['figures', '--init', ring, '--out', str(tmp_path)])
+    with open(tmp_path / 'fig4_9_mean_abs_a.json') as f:
+        got = json.load(f)
+    assert got['source'] == f'init ring={ring}' and len(got['mean_abs_a']) == 36  # 4 levels x (4 + 4) + 4 deepest
+    np.testing.assert_allclose(got['mean_abs_a'], mean_abs_a, atol=0.1)
+    assert abs(np.mean(got['mean_abs_a']) - mean_abs_a) < 0.02
+
+
 # ---------------------------------------------------------------- sanity on the built-in digits
 
 def test_train_classifier_command_selects_on_validation_and_keeps_training_set_statistics(tiny_data_dir, tmp_path,

@@ -265,6 +265,15 @@ def test_sinusoidal_embedding_is_thesis_eq_4_1_and_4_2():
     assert_close(pf.embedding({}, jnp.asarray(q), cfg), expected, 1e-4, "embedding")
 
 
+def test_linear_embedding_scales_the_token_by_255_then_a_dense_layer():
+    """The ablation of SPEC's embedding: q / 255 in [0, 1], then Dense(1 -> D), written with NumPy."""
+    rng = np.random.default_rng(0)
+    p = {"dense": {"w": rng.normal(size=(1, 8)).astype(np.float32), "b": rng.normal(size=8).astype(np.float32)}}
+    q = np.arange(256)
+    expected = (q[:, None] / 255.0) * p["dense"]["w"][0] + p["dense"]["b"]
+    assert_close(pf.embedding(p, jnp.asarray(q), pf.Config(d_model=8, embedding="linear")), expected, 1e-5, "linear")
+
+
 def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
@@ -402,9 +411,15 @@ def test_dropout_mask_keeps_one_minus_rate_and_rescales():
 # ---------------------------------------------------------------- 5. initialisation
 
 
-@pytest.mark.parametrize("ring", list(pf.RINGS))
+# SPEC / thesis sec. 4.4: |a| ~ sqrt(U[min^2, max^2]), theta ~ U[0, phase max]; "long" is ours (pf.RINGS says why)
+THESIS_RINGS = {"small": (0.9, 0.99, math.pi / 10), "half": (0.9, 0.99, math.pi), "full": (0.9, 0.99, 2 * math.pi),
+                "circle": (0.01, 0.99, 2 * math.pi), "long": (0.99, 0.9999, math.pi / 10)}
+
+
+@pytest.mark.parametrize("ring", list(THESIS_RINGS))
 def test_init_puts_a_in_the_requested_ring(ring):
-    a_min, a_max, phase_max = pf.RINGS[ring]
+    assert set(pf.RINGS) == set(THESIS_RINGS)
+    a_min, a_max, phase_max = THESIS_RINGS[ring]  # written here, not read from pf.RINGS
     p = pf.rglru_init(jax.random.key(0), pf.Config(ring=ring, d_rnn=4096))
     mag, phase = jax.nn.sigmoid(p["lambda_"]), p["theta"]
     assert float(mag.min()) >= a_min - 1e-6 and float(mag.max()) <= a_max + 1e-6
@@ -424,6 +439,18 @@ def test_scale_zero_makes_every_resblock_and_up_pool_an_identity():
     assert_close(up, jnp.zeros_like(up), 0, "up-pool")
     block = jax.tree.map(lambda v: v[0], params["skip_block"]["before"]["temporal"])
     assert_close(pf.res_block(block, h, cfg, pf.temporal_branch(cfg))[0], h, 0, "ResBlock")
+
+
+@pytest.mark.parametrize("placement,before,after", [("around", 1, 1), ("after", 0, 2)])
+def test_placement_puts_l_k_layers_on_each_side_of_the_pooling_or_all_2_l_k_after_it(placement, before, after):
+    """Thesis Table 4.1's placement ablation, from the parameter tree: at every pooled level (l = 1, 2),
+    `around` stacks l_k layers before the DownPool and l_k after the UpPool; `after` stacks all 2 l_k after."""
+    cfg = pf.Config(pooling=(2, 2), layers=(1, 2, 1), placement=placement, d_model=16, d_rnn=64)
+    params = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    for level, n in ((params["skip_block"], 1), (params["skip_block"]["inner"], 2)):
+        for side, count in (("before", before * n), ("after", after * n)):
+            assert {leaf.shape[0] for leaf in jax.tree.leaves(level.get(side))} == ({count} if count else set()), side
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(params["skip_block"]["inner"]["inner"]["layers"])} == {1}
 
 
 def test_default_scale_is_one_over_branches_into_the_stream():

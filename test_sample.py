@@ -248,6 +248,27 @@ def test_digit_guesses_are_each_clips_most_likely_digit(monkeypatch):
     assert sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 8000) is None  # not the classifier's rate
 
 
+def test_the_end_of_run_report_samples_the_best_ema_with_the_runs_dtype_and_seed_then_scores_them(
+        tmp_path, params, monkeypatch):
+    """sample.quality_report (what train.py ends with), its sampler and scorer stood in for: the run's
+    best EMA weights are sampled with the dtype and seed asked for, into RUN/samples, then scored there
+    with the dataset's classifier in the same dtype."""
+    out = str(tmp_path)
+    meta = {"model": dataclasses.asdict(CFG), "step": 4, "train": {"data_dir": "somewhere"},
+            "data": {"name": "sc09-espeak", "encoding": "mu-law", "sample_rate": 16000, "seq_len": LENGTH}}
+    train.save_checkpoint(os.path.join(out, "best.npz"), {"ema": params}, meta)
+    calls = {}
+    monkeypatch.setattr(sample.metrics, "find_classifier", lambda name, data_dir: f"classifier of {name} in {data_dir}")
+    monkeypatch.setattr(sample, "write_samples", lambda *a, **k: calls.update(write=(a, k)))
+    monkeypatch.setattr(sample.metrics, "evaluate_samples", lambda *a: calls.update(evaluate=a) or "the row")
+    assert sample.quality_report(out, n=5, batch_size=64, dtype="bfloat16", seed=3) == "the row"
+    (cfg, got, _, folder, n), kw = calls["write"]
+    assert (cfg, folder, n) == (CFG, os.path.join(out, "samples"), 5)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    assert kw == {"seed": 3, "batch_size": 5, "dtype": "bfloat16", "source": out}
+    assert calls["evaluate"] == (folder, "classifier of sc09-espeak in somewhere", out, "bfloat16")
+
+
 def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, monkeypatch, capsys):
     """With --generate 8 --n 3 the 3 most likely clips are written; samples.json gives each WAV the
     classifier's guess for that WAV, not for the clip generated at its place, and the mean NLL printed is

@@ -750,6 +750,21 @@ def test_the_default_run_is_the_documented_cpu_recipe():
     assert (tc.eval_every, tc.eval_clips, tc.report_samples, tc.dtype) == (250, 64, 64, "float32")
 
 
+# Thesis sec. 4.6 (Table 4.6): the music models' pooling, layers and recurrence width, written out here.
+MUSIC = {"beethoven": ((2, 4, 4, 5), (8, 4, 4, 4, 4), 512), "youtubemix": ((2, 2, 4, 4), (8, 4, 4, 4, 4), 512)}
+
+
+@pytest.mark.parametrize("dataset", sorted(MUSIC))
+def test_the_music_presets_are_the_thesis_models_and_preset_brings_them_to_another_dataset(dataset):
+    """--dataset beethoven / youtubemix: the thesis' model for it. --preset NAME takes NAME's model onto
+    another dataset (here the built-in digits); a flag still overrides the preset."""
+    for argv in (["--dataset", dataset], ["--preset", dataset]):
+        cfg, tc = train.parse_args(argv)
+        assert (cfg.pooling, cfg.layers, cfg.d_rnn, cfg.d_model) == (*MUSIC[dataset], 128), argv
+    cfg, tc = train.parse_args(["--preset", dataset, "--d-rnn", "64"])
+    assert (tc.dataset, cfg.layers, cfg.d_rnn) == ("sc09-espeak", MUSIC[dataset][1], 64)
+
+
 # ---------------------------------------------------------------- 4. crash safety
 
 
