@@ -14,14 +14,14 @@ import pf
 CFG = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64)
 
 
-def random_params(seed):
-    shapes = jax.eval_shape(lambda: pf.init(jax.random.key(0), CFG))
+def random_params(seed, cfg=CFG):
+    shapes = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
 
 
-def save(path, step, ema, params=None):
-    meta = {"model": dataclasses.asdict(CFG), "step": step, "data": {"name": "x"}}
+def save(path, step, ema, params=None, cfg=CFG):
+    meta = {"model": dataclasses.asdict(cfg), "step": step, "data": {"name": "x"}}
     state = {"ema": ema, **({"params": params} if params is not None else {})}
     checkpoint.save_checkpoint(str(path), state, meta)
 
@@ -61,11 +61,8 @@ def test_every_ablations_checkpoint_loads_back_as_its_own_config(changes, tmp_pa
     """A run of the thesis' ablations (every field it ablates off its default, between the two cases) is
     sampled and scored as itself: load_model gives back the saved config, field by field, and its arrays."""
     cfg = dataclasses.replace(CFG, **changes)
-    shapes = jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg))
-    rng = np.random.default_rng(0)
-    ema = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
-    checkpoint.save_checkpoint(str(tmp_path / "best.npz"), {"ema": ema},
-                               {"model": dataclasses.asdict(cfg), "step": 1, "data": {"name": "x"}})
+    ema = random_params(0, cfg)
+    save(tmp_path / "best.npz", 1, ema, cfg=cfg)
     loaded, params, _ = checkpoint.load_model(str(tmp_path))
     assert dataclasses.asdict(loaded) == dataclasses.asdict(cfg) and same(params, ema)
 
