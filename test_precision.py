@@ -117,6 +117,25 @@ def test_step_equals_apply_in_bf16(deepest):
     assert float(jnp.abs(full16 - full32).max()) > 0  # bf16 really ran: it is not the float32 result
 
 
+def test_bf16_loss_is_the_float32_cross_entropy_of_the_bf16_models_logits():
+    """Under bf16 the model computes in bf16 and hands float32 logits to the loss, whose log-softmax and
+    cross-entropy stay float32: nll_sum equals the float64 NumPy cross-entropy of pf.apply's bf16 logits
+    to float32 rounding (a bf16 log-softmax put it 3e-4 off here: 8 significant bits)."""
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), **SMALL)
+    params = perturbed(pf.init(jax.random.key(0), cfg), size=0.2)  # spread logits: a loss far from uniform
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, (2, 64)).astype(np.int32)
+    mask = np.ones((2, 64), np.float32)
+    mask[1, 40:] = 0
+    logits = np.asarray(pf.apply(params, jnp.asarray(tokens), cfg, dtype=BF16), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = -np.sum(np.take_along_axis(logp, tokens[..., None], -1)[..., 0] * mask)
+    total, count = pf.nll_sum(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, dtype="bfloat16")
+    assert float(count) == 104 and np.std(logits) > 0.5
+    assert abs(float(total) - want) < 1e-5 * want, (float(total), want)  # measured 8e-8 relative; a bf16 loss: 3e-4
+
+
 def test_bf16_training_loss_tracks_float32():
     """80 steps of a tiny model on a learnable toy task (a noisy sine wave's tokens), in float32 and
     in bf16 from the same init and data. The two trajectories round differently and drift apart

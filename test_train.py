@@ -152,13 +152,22 @@ def test_a_memorised_spoken_digit_is_said_back_by_the_sampler(data_dir):
 # ---------------------------------------------------------------- 2-3. devices, processes, accumulation
 
 
+def logged_tokens(out):
+    """Each logged step's tokens: its tokens_per_s times its time."""
+    return [r["tokens_per_s"] * r["ms_per_step"] / 1000 for r in log_records(out) if "loss_bits" in r]
+
+
 def test_eight_devices_take_the_same_steps_as_one(reference, data_dir, compile_cache, tmp_path):
+    """The same losses and weights as one device, and the same tokens logged per step: the whole
+    global batch's, not one device's share."""
     out = str(tmp_path / "eight")
     code, log = run(args(data_dir, out), compile_cache, devices=8)
     assert code == 0 and "8 devices" in log, log
     ref_losses = [r["loss_bits"] for r in log_records(reference) if "loss_bits" in r]
     losses = [r["loss_bits"] for r in log_records(out) if "loss_bits" in r]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(logged_tokens(out), logged_tokens(reference), rtol=1e-6)
+    assert min(logged_tokens(reference)) == 8 * 160  # every clip is longer than 160 samples: no padding
     assert_same_params(final_params(out)[1], final_params(reference)[1], 1e-5)
 
 
@@ -173,6 +182,7 @@ def test_two_processes_form_one_mesh_and_take_the_same_steps(reference, data_dir
     ref_losses = [r["loss_bits"] for r in log_records(reference) if "loss_bits" in r]
     losses = [r["loss_bits"] for r in log_records(str(tmp_path / "multi")) if "loss_bits" in r]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(logged_tokens(str(tmp_path / "multi")), logged_tokens(reference), rtol=1e-6)
     assert_same_params(final_params(str(tmp_path / "multi"))[1], final_params(reference)[1], 1e-5)
 
 
@@ -268,6 +278,8 @@ def test_an_update_whose_gradient_norm_exceeds_skip_norm_is_skipped(readout_step
         assert_same_params(part(states[1], name), part(states[0], name), 0.0)
     assert global_norm(part(states[2], "opt_state")) > 0.1  # the applied step stored its gradient
     assert [int(s["skipped"]) for s in states] == [0, 1, 1, 1 + (not metrics[2]["ok"])]
+    # a skipped update still used its batch: the step count (the data position a resume goes on from) advances
+    assert [int(s["step"]) for s in states] == [0, 1, 2, 3]
     assert [int(s["bad_run"]) for s in states[:3]] == [0, 1, 0]
 
 
@@ -490,6 +502,25 @@ def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_
     assert min(r["minutes"] for r in resumed) >= max(r["minutes"] for r in first) > 0
 
 
+def test_a_resumed_runs_minutes_budget_is_its_own_whatever_the_runs_before_it_took(data_dir, tmp_path, monkeypatch):
+    """--minutes bounds this run's wall clock (a lent GPU's leg), while the log's minutes count every run's:
+    resumed from a checkpoint said (by a patched load_latest) to record 10,000 minutes, --minutes 1 still
+    trains its steps to --steps."""
+    stub_training(monkeypatch, [], val_nlls=[5.0] * 4)
+    out = str(tmp_path / "long")
+    assert train.main(args(data_dir, out, "--steps", "3")) == 0
+    real = train.load_latest
+
+    def after_a_week(*a):
+        state, meta = real(*a)
+        return state, {**meta, "minutes": 10_000.0}
+    monkeypatch.setattr(train, "load_latest", after_a_week)
+    assert train.main(args(data_dir, out, "--steps", "6", "--minutes", "1", "--resume")) == 0
+    resumed = [r for r in log_records(out) if "loss_bits" in r][3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6] and all(r["minutes"] >= 10_000 for r in resumed)
+    assert train.read_checkpoint(train.checkpoints(out)[-1])[0]["step"] == 6
+
+
 def test_a_skipped_update_is_logged_when_it_happens(data_dir, tmp_path, monkeypatch):
     """--log-every 5 over 4 steps, the update of step 2 skipped: step 2 is logged at once (with its skip
     counted), then the last step."""
@@ -616,7 +647,7 @@ def test_the_next_full_size_leg_installs_the_carried_wheels_and_warm_starts_from
     monkeypatch.setattr(module, "run", lambda command, env: commands.append((command, env)))
     monkeypatch.setattr(module, "pack", lambda run_dir, out: None)
     monkeypatch.setattr(module, "ema_sizes", lambda *flags: [10**6] * 28)  # the baseline's ~28 MB: 2 parts
-    assert module.main(["--out", str(tmp_path / "o"), "--minutes", "5"]) == 0
+    assert module.main(["--out", str(tmp_path / "o"), "--minutes", "5", "--warmup", "250"]) == 0
     (pip, _), (command, env) = commands  # the wheels first (a lent machine has no package registry), then train.py
     site = pip[pip.index("--target") + 1]
     assert pip[1:4] == ["-m", "pip", "install"] and "--no-index" in pip
@@ -624,7 +655,8 @@ def test_the_next_full_size_leg_installs_the_carried_wheels_and_warm_starts_from
     assert env["PYTHONPATH"].split(os.pathsep)[0] == site
     parts = [str(tmp_path / ".full" / f"ema-{i}of2.npz") for i in (1, 2)]
     assert command[command.index("--warm-start") + 1:][:2] == parts
-    for flag, value in (("--preset", "sc09"), ("--dtype", "bfloat16"), ("--minutes", "5.0"), ("--dataset", "sc09-espeak")):
+    for flag, value in (("--preset", "sc09"), ("--dtype", "bfloat16"), ("--minutes", "5.0"), ("--dataset", "sc09-espeak"),
+                        ("--warmup", "250")):  # a leg's shortened warmup (the thesis': 1000) reaches train.py
         assert command[command.index(flag) + 1] == value
     assert "--resume" in command and "--tiny" not in command and "--d-model" not in command
 
@@ -832,10 +864,19 @@ def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference, d
 
 
 def interrupt(data_dir, compile_cache, out, signum):
-    """A 1000-step run sent signum once it has logged step 2: it saves and exits 130. -> (argv, saved step)."""
+    """A 1000-step run sent signum once it has logged step 2: it saves and exits 130. -> (argv, saved step).
+    Every checkpoint write is printed. No periodic checkpoint (--ckpt-every 1000) but each epoch's end
+    (20 steps): the signal's save writes the last step's checkpoint, a second time if it ends an epoch."""
     argv = args(data_dir, out)
     argv[argv.index("--steps") + 1] = "1000"
-    proc = run(argv, compile_cache, wait=False)
+    argv[argv.index("--ckpt-every") + 1] = "1000"
+    prefix = ("import os, train\n"
+              "real = train.save_checkpoint\n"
+              "def save_checkpoint(path, *a, **k):\n"
+              "    print('wrote', os.path.basename(path), flush=True)\n"
+              "    return real(path, *a, **k)\n"
+              "train.save_checkpoint = save_checkpoint\n")
+    proc = run(argv, compile_cache, wait=False, prefix=prefix)
     wait_for_step(proc, out, 2)
     proc.send_signal(signum)
     log = proc.communicate(timeout=120)[0]
@@ -843,6 +884,7 @@ def interrupt(data_dir, compile_cache, out, signum):
     saved = final_params(out)[0]["step"]
     # it stopped at the signal: not after its 1000 steps (then saving and exiting 130 would look the same)
     assert 2 <= saved < 1000 and saved == max(r["step"] for r in log_records(out) if "loss_bits" in r)
+    assert log.count(f"wrote ckpt_{saved:08d}.npz") == 1 + (saved % 20 == 0), log
     return argv, saved
 
 
