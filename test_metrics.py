@@ -633,7 +633,8 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
                                                                                           monkeypatch):
     """`metrics.py train-classifier`, its training stubbed (one fixed classifier): it is trained on the
     training split's decoded audio and selected on the validation split's images; the FID / AM reference
-    statistics it saves are those of the training split's features, and its held-out row the test split's."""
+    statistics it saves are those of the training split's features; its held-out row (FID, voiced %, floor
+    drift) and its test accuracy are the test split's."""
     ds = data.load('sc09-espeak', data_dir=tiny_data_dir, size='tiny')
     audio = lambda split: np.where(np.arange(16000) < split.lengths[:, None], data.decode(split.tokens, ds.encoding),
                                    0.0).astype(np.float32)  # each clip's decoded tokens, its padding silent
@@ -643,6 +644,12 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
         seen.update(train_audio=train_audio, train_labels=train_labels, val_images=val_images, val_labels=val_labels)
         return params, {'best_step': 1, 'val_acc': 0.5}
     monkeypatch.setattr(metrics, 'train_classifier', fake_train)
+    real_accuracy, scored = metrics.accuracy, []
+
+    def accuracy(params, images, labels):  # the test accuracy's inputs, as train-classifier reports it
+        scored.append((np.asarray(images), np.asarray(labels), real_accuracy(params, images, labels)))
+        return scored[-1][-1]
+    monkeypatch.setattr(metrics, 'accuracy', accuracy)
     out = str(tmp_path / 'cls')
     metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', tiny_data_dir,
                   '--steps', '1', '--out', out])
@@ -654,7 +661,18 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
     np.testing.assert_allclose(stats['mu'], feats.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats['mean_probs'], probs.mean(0), rtol=1e-5)
     held_out = metrics.scores(params, stats, audio(ds.test))
-    assert abs(config['reference_scores']['held-out test clips']['fid'] - held_out['fid']) < 1e-6 * (1 + held_out['fid'])
+    row = config['reference_scores']['held-out test clips']
+    assert abs(row['fid'] - held_out['fid']) < 1e-6 * (1 + held_out['fid'])
+    clips = lambda split: [a[:n] for a, n in zip(data.decode(split.tokens, ds.encoding), split.lengths)]  # cut, not padded
+    voiced, drift = metrics.voiced_share(clips(ds.test)), metrics.noise_floor_drift(clips(ds.test))
+    assert (row['voiced'], row['floor_drift_db']) == (pytest.approx(voiced), pytest.approx(drift))
+    assert abs(metrics.voiced_share(clips(ds.validation)) - voiced) > 0.1  # another split's clips would show (0.62 vs 0.28)
+    # (the stub classifier calls every clip one digit, and both splits hold each digit twice: the accuracy
+    # itself cannot tell the splits apart, so the images it was measured on are compared)
+    (images, labels, acc), = scored
+    np.testing.assert_array_equal(images, metrics.mel_features(audio(ds.test)))
+    np.testing.assert_array_equal(labels, ds.test.labels)
+    assert config['test_accuracy'] == acc
     # and a classifier trained into DATA_DIR is the one every command uses, before the shipped one
     data_dir = str(tmp_path)
     os.rename(out, os.path.join(data_dir, 'classifier-sc09-espeak'))

@@ -237,14 +237,19 @@ def test_clips_are_decoded_with_the_runs_own_encoding(params, tmp_path, encoding
 
 
 def test_digit_guesses_are_each_clips_most_likely_digit(monkeypatch):
+    """From the classifier of the run's own dataset in the run's data folder (here only real SC09 has
+    one: a guess by the built-in digits' classifier would be another model's)."""
     probs = np.full((3, 10), 0.01)
     probs[0, 7], probs[1, 2], probs[2, 9] = 0.91, 0.6, 0.55
-    monkeypatch.setattr(sample.metrics, "find_classifier", lambda name, data_dir: "cls")
+    monkeypatch.setattr(sample.metrics, "find_classifier",
+                        lambda name, data_dir: "cls" if (name, data_dir) == ("sc09", "/runs/data") else None)
     monkeypatch.setattr(sample.metrics, "load_classifier", lambda folder: (None, None, None))
     monkeypatch.setattr(sample.metrics, "classify", lambda params, images: (None, probs))
-    meta = {"train": {"data_dir": "data"}, "data": {"name": "sc09-espeak"}}
+    meta = {"train": {"data_dir": "/runs/data"}, "data": {"name": "sc09"}}
     guesses = sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 16000)
     assert guesses == [("seven", 0.91), ("two", 0.6), ("nine", 0.55)]
+    builtin = {"train": {"data_dir": "/runs/data"}, "data": {"name": "sc09-espeak"}}
+    assert sample.digit_guesses(builtin, np.zeros((3, 16000), np.float32), 16000) is None  # it has none here
     assert sample.digit_guesses(meta, np.zeros((3, 16000), np.float32), 8000) is None  # not the classifier's rate
 
 
