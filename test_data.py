@@ -303,6 +303,34 @@ def test_a_synthesised_clip_has_its_plans_pitch_duration_level_and_noise(monkeyp
         assert abs(ratio_db - 20) < 0.5, (where, ratio_db)
 
 
+def test_the_microphones_filters_keep_the_bands_their_cutoffs_name(monkeypatch):
+    """synthesise()'s microphone and noise colour, with espeak replaced by a word of two equal tones, 100
+    and 3,000 Hz: a 1,000 Hz low-pass leaves the high tone under 0.1% of the low one, an 800 Hz high-pass
+    the low one under 0.1% of the high one, neither changes their balance; noise low-passed at 500 Hz
+    has under 0.01% of its power above 2 kHz (white noise: three quarters)."""
+    t = np.arange(data.ESPEAK_RATE // 2) / data.ESPEAK_RATE
+    word = 10000 * (np.sin(2 * np.pi * 100 * t) + np.sin(2 * np.pi * 3000 * t))
+    monkeypatch.setattr(data, '_espeak', lambda *args: np.round(word))
+    plan = data.Clip(file='one/00000000_nohash_0.wav', voice='en', rate=175, pitch=50, pitch_range=50,
+                     lowpass_hz=0.0, highpass_hz=0.0, level_db=-6.0, snr_db=300.0, noise_lowpass_hz=0.0,
+                     length=16000, offset=0.5, seed=0)
+    clip = lambda **change: data.synthesise(None, dataclasses.replace(plan, **change)) / 32767
+
+    def tones(**change):  # each tone's peak in the 1 Hz bins of the 16,000-sample clip
+        spectrum = np.abs(np.fft.rfft(clip(**change)))
+        return spectrum[90:111].max(), spectrum[2990:3011].max()
+    low, high = tones()
+    assert 0.8 < low / high < 1.25
+    low, high = tones(lowpass_hz=1000.0)
+    assert high < 0.001 * low
+    low, high = tones(highpass_hz=800.0)
+    assert low < 0.001 * high
+    for cutoff, most in ((500.0, 1e-4), (0.0, 1.0)):
+        power = np.abs(np.fft.rfft(clip(snr_db=10.0, noise_lowpass_hz=cutoff) - clip())) ** 2
+        share = power[2000:].sum() / power.sum()
+        assert share < most and (cutoff or share > 0.7), (cutoff, share)
+
+
 def test_the_same_seed_builds_byte_identical_files(tmp_path):
     roots = [data.build_sc09_espeak(str(tmp_path / name), 20, seed) for name, seed in (('a', 5), ('b', 5), ('c', 6))]
 

@@ -381,9 +381,9 @@ def test_cosine_factor_follows_the_half_cosine_and_constant_stays_one():
 # ---------------------------------------------------------------- 3c. what reaches the step: data, dropout, evaluation
 
 
-def stub_training(monkeypatch, fed, val_nlls=None, factors=None):
+def stub_training(monkeypatch, fed, val_nlls=None, factors=None, step_s=0.0):
     """train.make_train_step -> a step that records the rows it is fed (as NumPy) and its lr factor
-    (in `factors`, if given) and only counts;
+    (in `factors`, if given), sleeps step_s seconds and only counts;
     train.make_evaluate -> one that returns val_nlls in turn (validation; test gets 9.0)."""
     factors = [] if factors is None else factors
 
@@ -391,6 +391,7 @@ def stub_training(monkeypatch, fed, val_nlls=None, factors=None):
         def train_step(state, tokens, mask, lr_scale):
             fed.append(np.asarray(tokens))
             factors.append(float(lr_scale))
+            time.sleep(step_s)
             stats = {"loss_bits": np.float32(5.0), "grad_norm": np.float32(1.0), "lr": np.float32(tc.lr),
                      "tokens": np.float32(mask.sum()), "ok": np.bool_(True)}
             return {**state, "step": state["step"] + 1}, stats
@@ -471,19 +472,26 @@ def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(
 def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_a_resume(
         data_dir, tmp_path, monkeypatch, capsys):
     """With the step and the evaluation stubbed: each evaluation logs validation's NLL as val_nll_bits and
-    the test split's as test_nll_bits (each split's own fingerprint); tokens_per_s is the batch's real
-    tokens over the step's time; a resumed run's minutes go on from the checkpoint's. The header's
-    unigram entropy is the training split's real tokens' entropy in bits."""
-    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    the test split's as test_nll_bits (each split's own fingerprint); ms_per_step is a step's time in
+    milliseconds (the stub step sleeps 50 ms); tokens_per_s is the batch's real tokens over the step's time; a resumed run's minutes go on from the checkpoint's. The header's
+    unigram entropy is the training split's real tokens' entropy in bits. Every other training row is
+    padded after 100 tokens (at 160 tokens the built-in clips have none): padding counts in neither."""
+    full = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    lengths = np.where(np.arange(len(full.train)) % 2, 100, full.train.lengths).astype(np.int32)
+    padded = np.where(np.arange(160) < lengths[:, None], full.train.tokens, data.SILENCE).astype(np.uint8)
+    ds = dataclasses.replace(full, train=data.Split(padded, lengths, full.train.labels))
+    monkeypatch.setattr(data, "load", lambda *a, **k: ds)
     fingerprint = lambda split: float(split.tokens[:2, :40].sum())
 
     def make_evaluate(cfg, mesh, dtype="float32"):
         return lambda params, split, batch_size: fingerprint(split)
-    stub_training(monkeypatch, [])
+    stub_training(monkeypatch, [], step_s=0.05)
     monkeypatch.setattr(train, "make_evaluate", make_evaluate)
     out = str(tmp_path / "logged")
     assert train.main(args(data_dir, out, "--steps", "4", "--eval-every", "2")) == 0
     first = log_records(out)
+    timed = [r["ms_per_step"] for r in first if "ms_per_step" in r and r["step"] > 1]  # step 1 compiles: timed apart
+    assert len(timed) == 3 and all(50 <= ms < 10_000 for ms in timed), timed  # each stub step sleeps 50 ms
     counts = np.bincount(ds.train.tokens[np.arange(ds.seq_len) < ds.train.lengths[:, None]], minlength=256)
     p = counts[counts > 0] / counts.sum()
     printed = float(re.search(r"unigram entropy ([0-9.]+) bits", capsys.readouterr().out).group(1))
