@@ -163,6 +163,7 @@ def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_
     records, clips = read_clips(out)
     wavs = ["sample_000.wav", "sample_001.wav"]  # named by rank, the best first, whichever of the 6 they were
     assert sorted(f for f in os.listdir(out) if f.endswith(".wav")) == wavs == [r["file"] for r in records]
+    assert [r["index"] for r in records] != [0, 1]  # (the case tells a rank from a generation index)
     # spectrograms.png: the kept clips, each tile titled with its NLL, the prompt's end marked
     (audio, rate, labels, _, mark), = drawn
     np.testing.assert_allclose(audio, [a for a, _ in clips], atol=2 / 32768)

@@ -472,10 +472,12 @@ def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(
 def test_log_records_what_was_measured_on_which_split_and_minutes_run_on_across_a_resume(
         data_dir, tmp_path, monkeypatch, capsys):
     """With the step and the evaluation stubbed: each evaluation logs validation's NLL as val_nll_bits and
-    the test split's as test_nll_bits (each split's own fingerprint); ms_per_step is a step's time in
-    milliseconds (the stub step sleeps 50 ms); tokens_per_s is the batch's real tokens over the step's time; a resumed run's minutes go on from the checkpoint's. The header's
-    unigram entropy is the training split's real tokens' entropy in bits. Every other training row is
-    padded after 100 tokens (at 160 tokens the built-in clips have none): padding counts in neither."""
+    the test split's as test_nll_bits (each split's own fingerprint); ms_per_step is the mean time per
+    step since the first (compiling) one, in milliseconds, so at least the stub step's 50 ms sleep;
+    tokens_per_s is the batch's real tokens over the step's time; a resumed run's minutes go on from the
+    checkpoint's. The header's unigram entropy is the training split's real tokens' entropy in bits.
+    Every other training row is padded after 100 tokens (at 160 tokens the built-in clips have none):
+    padding counts neither in the entropy nor in the logged tokens."""
     full = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
     lengths = np.where(np.arange(len(full.train)) % 2, 100, full.train.lengths).astype(np.int32)
     padded = np.where(np.arange(160) < lengths[:, None], full.train.tokens, data.SILENCE).astype(np.uint8)
