@@ -1,4 +1,5 @@
 """bench.py's FLOP count against the matmuls JAX actually traces."""
+import json
 import os
 
 import jax
@@ -140,6 +141,36 @@ def test_device_benchmark_runs_at_small_sizes_and_its_figures_agree(tmp_path):
     assert r["sampler_16"]["sample_batch"] == 16 and r["sampler_16"]["sampler_tokens_per_s"] > 0
     assert "sampler_256" not in r  # --quick samples one batch size (an accelerator run: 16 and 256)
     assert r["device"]["platform"] == "cpu" and "step" in proc.stdout
+
+
+def test_the_cpu_benchmarks_summary_is_computed_from_its_parts(tmp_path, monkeypatch):
+    """`python bench.py --quick`, every part stubbed with round numbers: the summary's MFU is the baseline
+    step's model GFLOP/s over the measured matmul peak (GFLOP per step over seconds per step), the
+    matmul-only ceiling's likewise, and the speedups are the other variant's step time over the baseline's."""
+    # each variant side by side: ms per step, GFLOP per step, tokens/s
+    steps = {"baseline": (50.0, 2.0, 1000.0), "no_pooling": (200.0, 6.0, 250.0), "fixes_off": (75.0, 2.0, 667.0),
+             "matmul_only": (20.0, 1.5, 2500.0)}
+
+    def run_part(name, timeout=None, **kw):
+        if name == "train" and "variants" in kw:
+            return [{"ms_per_step": ms, "model_gflops_per_step": gflop, "tokens_per_s": tokens, "peak_mem_gib": 9.9,
+                     "compile_s": 99.0} for ms, gflop, tokens in (steps[v] for v in bench.VARIANTS)]
+        if name == "train":  # the baseline alone: its memory and compile time
+            return [{"ms_per_step": 55.0, "model_gflops_per_step": 2.0, "tokens_per_s": 900.0, "peak_mem_gib": 1.5,
+                     "compile_s": 9.0}]
+        return {"matmul": {"matmul_peak_gflops": 400.0}, "scan": {"scan_assoc_over_seq": 0.5},
+                "block": {"mlp_block_gflops_per_s": 100.0, "temporal_block_gflops_per_s": 50.0}}.get(name, {})
+    monkeypatch.setattr(bench, "run_part", run_part)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["model_gflops_per_s"] == pytest.approx(2.0 / 0.050)  # 40 GFLOP/s
+    assert r["mfu"] == pytest.approx(40.0 / 400.0) and r["matmul_only_mfu"] == pytest.approx(1.5 / 0.020 / 400.0)
+    assert (r["mlp_block_mfu"], r["temporal_block_mfu"]) == (pytest.approx(0.25), pytest.approx(0.125))
+    assert r["scan_assoc_over_seq"] == 0.5
+    assert r["pooling_speedup"] == pytest.approx(4.0) and r["pooling_flop_ratio"] == pytest.approx(3.0)
+    assert r["speedup_over_fixes_off"] == pytest.approx(1.5)
+    assert (r["train_tokens_per_s"], r["peak_mem_gib"], r["compile_s"]) == (1000.0, 1.5, 9.0)
 
 
 def test_the_scans_memory_bound_is_four_copies_of_its_arrays(monkeypatch):

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import wave
 
 import jax
@@ -259,9 +260,41 @@ def test_classifier_loss_decreases_in_a_few_steps():
         losses.append(float(loss))
     assert np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), f'losses {losses}'
-    feats, probs = metrics.classify(params, metrics.mel_features(audio))
+    images = metrics.mel_features(audio)
+    feats, probs = metrics.classify(params, images)
     assert feats.shape == (48, 32) and probs.shape == (48, 3)   # mean | max pooled 16 channels
     assert np.allclose(probs.sum(1), 1.0)
+    # each clip's own: the same features alone (with 255 padding rows), or among the others reversed
+    alone, reversed_ = metrics.classify(params, images[:1])[0], metrics.classify(params, images[::-1])[0]
+    np.testing.assert_allclose(alone, feats[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reversed_[::-1], feats, rtol=1e-5, atol=1e-6)
+
+
+def test_train_classifier_keeps_the_parameters_of_its_best_validation_accuracy(monkeypatch):
+    """train_classifier returns the parameters it had at its best validation accuracy (scripted here:
+    0.5, 0.9, 0.3 at steps 1, 2, 3), with that step and accuracy, not the last step's."""
+    audio, labels = tone_set(12, 0)
+    seen, script = [], iter([0.5, 0.9, 0.3])  # (step 1's lr is 0, warmup: seen[0] is also the init)
+    monkeypatch.setattr(metrics, 'accuracy', lambda params, images, labels_: seen.append(params) or next(script))
+    params, info = metrics.train_classifier(jax.random.key(0), audio, labels, None, None, steps=3, batch=4,
+                                            eval_every=1, widths=(8,), log=lambda line: None)
+    assert info == {'best_step': 2, 'val_acc': 0.9} and len(seen) == 3
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert same(params, seen[1]) and not same(params, seen[2]) and not same(params, seen[0])
+
+
+def test_the_classifiers_second_channel_is_the_mel_bands_position():
+    """The band channel varies along the mel axis, not along time. With every kernel symmetric in time
+    and in frequency, and one stage (stride 1: SAME pads both sides alike), reversing an image in time
+    leaves a clip's features unchanged, and reversing it in frequency changes them: the band channel is
+    not reversed with the image. A channel laid along time would give the opposite."""
+    params = metrics.classifier_init(jax.random.key(1), widths=(8,), n_classes=3)
+    symmetric = lambda w: (lambda v: (v + v[::-1]) / 2)((w + w[:, ::-1]) / 2)  # HWIO: H is frequency, W time
+    params = jax.tree.map(lambda x: symmetric(x) if x.ndim == 4 else x, params)
+    images = np.random.default_rng(0).uniform(-80, 0, (4, 32, 32)).astype(np.float32)  # (clip, band, frame)
+    feats = metrics.classify(params, images)[0]
+    np.testing.assert_allclose(metrics.classify(params, images[:, :, ::-1])[0], feats, rtol=1e-5, atol=1e-5)
+    assert np.abs(metrics.classify(params, images[:, ::-1, :])[0] - feats).max() > 1e-2
 
 
 def test_augmentation_keeps_length_and_shifts_in_time():
@@ -637,8 +670,11 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
     """`metrics.py train-classifier`, its training stubbed (one fixed classifier): it is trained on the
     training split's decoded audio and selected on the validation split's images; the FID / AM reference
     statistics it saves are those of the training split's features; its held-out row (FID, voiced %, floor
-    drift) and its test accuracy are the test split's."""
-    ds = data.load('sc09-espeak', data_dir=tiny_data_dir, size='tiny')
+    drift) and its test accuracy are the test split's. Without --out it writes DATA_DIR/classifier-DATASET,
+    the folder every command looks in first."""
+    data_dir = str(tmp_path / 'data')  # a copy: the classifier is written into it (its cache, keyed by the
+    shutil.copytree(tiny_data_dir, data_dir)  # folder's path, is rebuilt from the WAVs once)
+    ds = data.load('sc09-espeak', data_dir=data_dir, size='tiny')
     audio = lambda split: np.where(np.arange(16000) < split.lengths[:, None], data.decode(split.tokens, ds.encoding),
                                    0.0).astype(np.float32)  # each clip's decoded tokens, its padding silent
     params, seen = metrics.classifier_init(jax.random.key(0), n_classes=10), {}
@@ -653,9 +689,9 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
         scored.append((np.asarray(images), np.asarray(labels), real_accuracy(params, images, labels)))
         return scored[-1][-1]
     monkeypatch.setattr(metrics, 'accuracy', accuracy)
-    out = str(tmp_path / 'cls')
-    metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', tiny_data_dir,
-                  '--steps', '1', '--out', out])
+    metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', data_dir,
+                  '--steps', '1'])
+    out = os.path.join(data_dir, 'classifier-sc09-espeak')
     np.testing.assert_array_equal(seen['train_audio'], audio(ds.train))
     np.testing.assert_array_equal(seen['val_images'], metrics.mel_features(audio(ds.validation)))
     np.testing.assert_array_equal(seen['val_labels'], ds.validation.labels)
@@ -677,12 +713,17 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
     np.testing.assert_array_equal(labels, ds.test.labels)
     assert config['test_accuracy'] == acc
     # and a classifier trained into DATA_DIR is the one every command uses, before the shipped one
-    data_dir = str(tmp_path)
-    os.rename(out, os.path.join(data_dir, 'classifier-sc09-espeak'))
-    assert metrics.find_classifier('sc09-espeak', data_dir) == os.path.join(data_dir, 'classifier-sc09-espeak')
+    assert metrics.find_classifier('sc09-espeak', data_dir) == out
     assert metrics.find_classifier('sc09-espeak', str(tmp_path / 'nothing')) == os.path.join(
         metrics.SHIPPED_CLASSIFIERS, 'sc09-espeak')
     assert metrics.find_classifier('sc09', str(tmp_path / 'nothing')) is None
+    # --out puts it there instead, leaving DATA_DIR's as it was
+    written, elsewhere = os.path.getmtime(os.path.join(out, 'params.npz')), str(tmp_path / 'cls')
+    metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', data_dir,
+                  '--steps', '1', '--out', elsewhere])
+    timeless = lambda c: {k: v for k, v in c.items() if k != 'train_seconds'}
+    assert timeless(metrics.load_classifier(elsewhere)[1]) == timeless(config)
+    assert os.path.getmtime(os.path.join(out, 'params.npz')) == written
 
 
 def test_tiny_classifier_ranks_held_out_digits_above_noise_and_silence(tiny_data_dir):

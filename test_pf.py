@@ -3,6 +3,7 @@ the sequential scan, the token-by-token step."""
 import dataclasses
 import functools
 import math
+import re
 import subprocess
 import sys
 
@@ -65,12 +66,30 @@ def test_parameter_count_equals_thesis_table(table, row, changes, expected):
 
 
 def test_cli_prints_the_tree_and_ends_with_the_count():
+    """`python pf.py`: the config, then the tree, two spaces deeper per level: each array with its shape
+    and size, each component with its count, the sum of the lines one level below it; the total last."""
     out = subprocess.run([sys.executable, "pf.py", "--no-gated", "--groups", "1"], capture_output=True,
                          text=True, check=True).stdout
     lines = out.strip().splitlines()
     # without gating 5,489,408; G = 1 adds 487,680 (= 7,760,384 - 7,272,704)
     assert lines[-1] == f"params: {5_489_408 + 487_680}"
     assert any(line.strip().startswith("rglru:") for line in lines)
+    tree = []  # (depth, count, shape or None) of each line between the config and the total
+    for line in lines[1:-1]:
+        m = re.fullmatch(r"( *)\w+(?: \(([\d, ]*)\))?: ([\d,]+)", line)
+        assert m and len(m[1]) % 2 == 0, line
+        tree.append((len(m[1]) // 2, int(m[3].replace(",", "")), m[2]))
+    assert tree[0][0] == 0 and all(b[0] <= a[0] + 1 for a, b in zip(tree, tree[1:]))
+    assert sum(count for depth, count, _ in tree if depth == 0) == int(lines[-1].split()[-1])
+    for i, (depth, count, shape) in enumerate(tree):
+        if shape is not None:  # an array: its size
+            assert tree[i + 1:i + 2] == [] or tree[i + 1][0] <= depth
+            assert count == math.prod(int(n) for n in shape.replace(",", " ").split())
+            continue
+        below = [d for d, *_ in tree[i + 1:]]
+        end = i + 1 + next((j for j, d in enumerate(below) if d <= depth), len(below))
+        children = sum(c for d, c, _ in tree[i + 1:end] if d == depth + 1)
+        assert count == children and children > 0, tree[i]
 
 
 # ---------------------------------------------------------------- 2. associative scan == sequential scan
