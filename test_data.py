@@ -280,6 +280,12 @@ def test_built_split_sizes_are_within_2_percent_of_80_10_10(count):
     assert len({c.voice for c in clips}) > 50 and len({c.rate for c in clips}) > 50   # varied voices
 
 
+# A plan for synthesise() with espeak replaced by a known word: no filters, no noise left after int16 (300 dB)
+PLAN = data.Clip(file='zero/00000000_nohash_0.wav', voice='en', rate=175, pitch=50, pitch_range=50,
+                 lowpass_hz=0.0, highpass_hz=0.0, level_db=-6.0, snr_db=300.0, noise_lowpass_hz=0.0,
+                 length=16000, offset=0.5, seed=0)
+
+
 def test_a_synthesised_clip_has_its_plans_pitch_duration_level_and_noise(monkeypatch):
     """synthesise() against its Clip, with espeak replaced by a word we know: half a second of a 440 Hz
     tone at espeak's 22,050 Hz. At 16 kHz the clip keeps the tone's pitch and duration (8,000 samples),
@@ -287,11 +293,8 @@ def test_a_synthesised_clip_has_its_plans_pitch_duration_level_and_noise(monkeyp
     under it, is `snr_db` below the speech's own RMS."""
     tone = np.sin(2 * np.pi * 440 * np.arange(data.ESPEAK_RATE // 2) / data.ESPEAK_RATE)
     monkeypatch.setattr(data, '_espeak', lambda *args: np.round(20000 * tone))
-    plan = data.Clip(file='zero/00000000_nohash_0.wav', voice='en', rate=175, pitch=50, pitch_range=50,
-                     lowpass_hz=0.0, highpass_hz=0.0, level_db=-6.0, snr_db=300.0, noise_lowpass_hz=0.0,
-                     length=16000, offset=0.5, seed=0)
-    clean = data.synthesise(None, plan) / 32767                      # 300 dB: no noise left after int16
-    noisy = data.synthesise(None, dataclasses.replace(plan, snr_db=20.0)) / 32767
+    clean = data.synthesise(None, PLAN) / 32767                      # 300 dB: no noise left after int16
+    noisy = data.synthesise(None, dataclasses.replace(PLAN, snr_db=20.0)) / 32767
     first, last = np.flatnonzero(clean)[[0, -1]]                      # (the tone's zero crossings round to 0)
     assert len(clean) == 16000 and abs(last + 1 - first - 8000) <= 2, (first, last)
     assert abs(first - 4000) <= 2, first                               # offset 0.5 of the 8,000 free samples
@@ -311,10 +314,7 @@ def test_the_microphones_filters_keep_the_bands_their_cutoffs_name(monkeypatch):
     t = np.arange(data.ESPEAK_RATE // 2) / data.ESPEAK_RATE
     word = 10000 * (np.sin(2 * np.pi * 100 * t) + np.sin(2 * np.pi * 3000 * t))
     monkeypatch.setattr(data, '_espeak', lambda *args: np.round(word))
-    plan = data.Clip(file='one/00000000_nohash_0.wav', voice='en', rate=175, pitch=50, pitch_range=50,
-                     lowpass_hz=0.0, highpass_hz=0.0, level_db=-6.0, snr_db=300.0, noise_lowpass_hz=0.0,
-                     length=16000, offset=0.5, seed=0)
-    clip = lambda **change: data.synthesise(None, dataclasses.replace(plan, **change)) / 32767
+    clip = lambda **change: data.synthesise(None, dataclasses.replace(PLAN, **change)) / 32767
 
     def tones(**change):  # each tone's peak in the 1 Hz bins of the 16,000-sample clip
         spectrum = np.abs(np.fft.rfft(clip(**change)))

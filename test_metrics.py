@@ -288,8 +288,10 @@ def test_the_classifiers_second_channel_is_the_mel_bands_position():
     and in frequency, and one stage (stride 1: SAME pads both sides alike), reversing an image in time
     leaves a clip's features unchanged, and reversing it in frequency changes them: the band channel is
     not reversed with the image. A channel laid along time would give the opposite."""
+    def symmetric(w):  # a kernel (HWIO: H is frequency, W time) made symmetric in both
+        w = (w + w[:, ::-1]) / 2
+        return (w + w[::-1]) / 2
     params = metrics.classifier_init(jax.random.key(1), widths=(8,), n_classes=3)
-    symmetric = lambda w: (lambda v: (v + v[::-1]) / 2)((w + w[:, ::-1]) / 2)  # HWIO: H is frequency, W time
     params = jax.tree.map(lambda x: symmetric(x) if x.ndim == 4 else x, params)
     images = np.random.default_rng(0).uniform(-80, 0, (4, 32, 32)).astype(np.float32)  # (clip, band, frame)
     feats = metrics.classify(params, images)[0]
@@ -689,8 +691,8 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
         scored.append((np.asarray(images), np.asarray(labels), real_accuracy(params, images, labels)))
         return scored[-1][-1]
     monkeypatch.setattr(metrics, 'accuracy', accuracy)
-    metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', data_dir,
-                  '--steps', '1'])
+    command = ['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', data_dir, '--steps', '1']
+    metrics.main(command)
     out = os.path.join(data_dir, 'classifier-sc09-espeak')
     np.testing.assert_array_equal(seen['train_audio'], audio(ds.train))
     np.testing.assert_array_equal(seen['val_images'], metrics.mel_features(audio(ds.validation)))
@@ -719,8 +721,7 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
     assert metrics.find_classifier('sc09', str(tmp_path / 'nothing')) is None
     # --out puts it there instead, leaving DATA_DIR's as it was
     written, elsewhere = os.path.getmtime(os.path.join(out, 'params.npz')), str(tmp_path / 'cls')
-    metrics.main(['train-classifier', '--dataset', 'sc09-espeak', '--size', 'tiny', '--data-dir', data_dir,
-                  '--steps', '1', '--out', elsewhere])
+    metrics.main(command + ['--out', elsewhere])
     timeless = lambda c: {k: v for k, v in c.items() if k != 'train_seconds'}
     assert timeless(metrics.load_classifier(elsewhere)[1]) == timeless(config)
     assert os.path.getmtime(os.path.join(out, 'params.npz')) == written

@@ -86,8 +86,7 @@ def test_cli_prints_the_tree_and_ends_with_the_count():
             assert tree[i + 1:i + 2] == [] or tree[i + 1][0] <= depth
             assert count == math.prod(int(n) for n in shape.replace(",", " ").split())
             continue
-        below = [d for d, *_ in tree[i + 1:]]
-        end = i + 1 + next((j for j, d in enumerate(below) if d <= depth), len(below))
+        end = next((j for j in range(i + 1, len(tree)) if tree[j][0] <= depth), len(tree))  # its subtree's end
         children = sum(c for d, c, _ in tree[i + 1:end] if d == depth + 1)
         assert count == children and children > 0, tree[i]
 
