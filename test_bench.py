@@ -1,6 +1,7 @@
 """bench.py's FLOP count against the matmuls JAX actually traces."""
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,34 @@ def test_the_scans_memory_bound_is_four_copies_of_its_arrays(monkeypatch):
     assert r["scan_copy_gb_per_s"] == pytest.approx(2 * array_bytes / 0.002 / 1e9)
     assert r["scan_bytes_per_call"] == 8 * array_bytes and r["scan_memory_bound_ms"] == pytest.approx(8.0)
     assert r["scan_assoc_ms"] == r["scan_seq_ms"] == pytest.approx(2.0)
+
+
+def test_timed_is_the_median_call_and_the_matmul_peak_counts_two_flops_per_multiply_add(monkeypatch):
+    """bench.timed on a scripted clock: the compile's seconds, then the median of the timed calls (not
+    their sum or the warm-up call). part_matmul with its timings stubbed: an n x n matmul is 2 n^3 FLOPs,
+    the copy reads and writes its array once. executable_gib: arguments + outputs + temporaries, the
+    donated (aliased) bytes counted once."""
+    # perf_counter at: compile start, compile end, then each timed call's start and end (the warm-up is untimed)
+    clock = iter([10.0, 12.5, 20.0, 20.3, 21.0, 21.1, 22.0, 22.9])
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))  # bench's clock only
+    assert bench.timed(lambda x: x + 1, jnp.ones(3)) == pytest.approx((2.5, 0.3))  # calls of 0.3, 0.1, 0.9 s
+    monkeypatch.undo()
+
+    seconds = iter([0.5, 0.25])  # the matmul's median, then the copy's
+
+    def stub(fn, *args, repeats=3, options=None):
+        return 0.0, next(seconds)
+
+    monkeypatch.setattr(bench, "timed", stub)
+    r = bench.part_matmul(bench.parse_args(["--part", "matmul", "--n", "64"]))
+    assert r["matmul_peak_gflops"] == pytest.approx(2 * 64**3 / 0.5 / 1e9)
+    assert r["bandwidth_gb_per_s"] == pytest.approx(2 * 64 * 256 * 4 / 0.25 / 1e9)  # a float32 (n, 4n) array
+
+    class Compiled:
+        def memory_analysis(self):
+            return type("Memory", (), dict(argument_size_in_bytes=2**30, output_size_in_bytes=2**29,
+                                           alias_size_in_bytes=2**28, temp_size_in_bytes=2**31))()
+    assert bench.executable_gib(Compiled()) == pytest.approx(1 + 0.5 - 0.25 + 2)
 
 
 def test_hlo_sources_trace_a_compiled_instruction_to_its_scope_and_line():

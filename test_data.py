@@ -78,11 +78,17 @@ def test_encodings_are_monotonic(xs):
 
 
 def test_every_level_is_reachable_and_decode_is_increasing():
+    """...and data.decode(tokens, name), what WAVs and the scores go through, is the named encoding's."""
     x = np.linspace(-1, 1, 200001)
-    for enc, dec in ((data.mu_law_encode, data.mu_law_decode), (data.linear_encode, data.linear_decode)):
+    for name, enc, dec in (('mu-law', data.mu_law_encode, data.mu_law_decode),
+                           ('linear', data.linear_encode, data.linear_decode)):
         assert set(enc(x).tolist()) == set(range(256))
         levels = dec(np.arange(256, dtype=np.uint8))
         assert (np.diff(levels) > 0).all() and levels[0] == -1 and levels[-1] == 1
+        np.testing.assert_array_equal(data.decode(np.arange(256, dtype=np.uint8), name), levels)
+    # linear levels are evenly spaced, 2 q / 255 - 1
+    np.testing.assert_allclose(data.decode(np.arange(256, dtype=np.uint8), 'linear'), np.arange(256) * 2 / 255 - 1,
+                               atol=1e-7)
 
 
 def test_encode_scales_each_row_by_its_own_min_and_max():
@@ -126,6 +132,15 @@ def raw_wav(path, tag, bits, channels, rate, payload, extensible=False):
     body = b'WAVE' + b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', len(payload)) + payload
     with open(path, 'wb') as f:
         f.write(b'RIFF' + struct.pack('<I', len(body)) + body)
+
+
+def test_write_atomic_takes_a_bare_file_name_in_the_current_folder(tmp_path, monkeypatch):
+    """`python metrics.py compare RUN... --figure compare.png`: a path with no folder part is written (and
+    replaced whole) in the current folder, with no temporary file left beside it."""
+    monkeypatch.chdir(tmp_path)
+    data.write_atomic('out.bin', lambda f: f.write(b'abc'))
+    data.write_atomic('out.bin', lambda f: f.write(b'de'))
+    assert os.listdir(tmp_path) == ['out.bin'] and (tmp_path / 'out.bin').read_bytes() == b'de'
 
 
 def test_write_wav_is_16_bit_mono_pcm_read_back_by_the_stdlib(tmp_path):
@@ -344,6 +359,33 @@ def test_the_same_seed_builds_byte_identical_files(tmp_path):
     mtime = os.path.getmtime(os.path.join(roots[0], 'build.json'))
     data.build_sc09_espeak(roots[0], 20, 5)                        # complete: not rebuilt
     assert os.path.getmtime(os.path.join(roots[0], 'build.json')) == mtime
+    data.build_sc09_espeak(roots[0], 20, 6)                        # another seed's build: made anew
+    assert contents(roots[0]) == c
+
+
+def test_the_synthesisers_chunks_are_kept_not_views_of_its_reused_buffer(tmp_path):
+    """espeak-ng hands its audio over in chunks of one buffer it reuses (60 ms at 22,050 Hz). A word kept as
+    views of that buffer would be its last state repeated; kept as copies, no stretch of the word repeats
+    itself exactly at any lag. (The library in a fresh process: it keeps state between utterances.)"""
+    out = tmp_path / 'seven.npy'
+    subprocess.run([sys.executable, '-c', 'import sys, numpy as np, data; '
+                    'np.save(sys.argv[1], data._espeak(data._espeak_library(), "seven", "en+m3", 175, 50, 50))',
+                    str(out)], cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    x = np.load(out, allow_pickle=False)
+    assert len(x) > 5 * 1323  # several chunks
+    repeats = [lag for lag in range(100, len(x) // 2)
+               if x[:lag].any() and np.array_equal(x[:lag], x[lag:2 * lag])]
+    assert repeats == [] and np.abs(x).max() > 10000  # (views: repeats at 1324, 2648, ...; peak 4585, not 22302)
+
+
+def test_load_builds_the_digits_in_the_folder_path_names(tmp_path):
+    """data.load('sc09-espeak', path=...) (train.py --path): the clips are built and read there, not
+    in a folder under data_dir."""
+    mine = tmp_path / 'mine'
+    ds = data.load('sc09-espeak', data_dir=str(tmp_path / 'data'), size='20', path=str(mine))
+    assert (mine / 'build.json').exists() and sum(len(os.listdir(mine / w)) for w in data.DIGITS) == 20
+    assert sorted(os.listdir(tmp_path / 'data')) == ['cache']  # only the token cache
+    assert len(ds.train) + len(ds.validation) + len(ds.test) == 20
 
 
 def test_build_in_a_process_with_jax_runs_in_a_subprocess(tmp_path, monkeypatch):

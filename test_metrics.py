@@ -186,6 +186,12 @@ def test_mel_features_shapes_range_and_length_fix():
     img = metrics.mel_features(tone)[0]
     assert img.min() == pytest.approx(-80.0) and img.max() == pytest.approx(0.0, abs=1e-4)
     np.testing.assert_allclose(metrics.mel_features(np.zeros((1, 16000))), 0.0, atol=1e-5)
+    # one bad sample in one clip of three is refused, not scored: a NaN would turn its image to NaN
+    for bad in (np.nan, np.inf):
+        clips = speechlike.copy()
+        clips[1, 5000] = bad
+        with pytest.raises(ValueError, match='NaN or inf'):
+            metrics.mel_features(clips)
 
 
 # librosa 0.11: power_to_db(melspectrogram(y, sr=16000, n_mels=32, pad_mode='reflect'), ref=np.max),
@@ -221,7 +227,8 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     rng = np.random.default_rng(0)
     params = {'stem': {'w': rng.normal(size=(3, 3, 2, 8)).astype(np.float32), 'b': np.zeros(8, np.float32)},
               'blocks': [{'conv1': {'w': rng.normal(size=(3, 3, 8, 8)).astype(np.float32)}},
-                         {'shortcut': {'w': rng.normal(size=(1, 1, 8, 16)).astype(np.float32)}}],
+                         {'shortcut': {'w': rng.normal(size=(1, 1, 8, 16)).astype(np.float32)}}]
+              + [{'gain': np.full(2, i, np.float32)} for i in range(2, 12)],  # 12 entries: '10' sorts before '2'
               'head': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}}
     path = str(tmp_path / 'params.npz')
     metrics.save_params_npz(path, params)

@@ -91,6 +91,20 @@ def test_cli_prints_the_tree_and_ends_with_the_count():
         assert count == children and children > 0, tree[i]
 
 
+def test_config_flags_default_to_the_preset_they_are_given():
+    """add_config_args(parser, defaults): with no flags, every field (tuple, bool, choice, float, int) takes
+    the preset's value, not the baseline's, and --help shows it; a flag still overrides it."""
+    import argparse
+    preset = pf.Config(pooling=(4, 4), layers=(1, 2, 3), d_model=32, complex_rnn=False, ring="half",
+                       norm="rms", scale=0.5, dropout=0.1, vocab=64)
+    parser = argparse.ArgumentParser()
+    pf.add_config_args(parser, preset)
+    assert pf.config_from_args(parser.parse_args([])) == preset
+    assert pf.config_from_args(parser.parse_args(["--d-model", "64"])) == dataclasses.replace(preset, d_model=64)
+    text = " ".join(parser.format_help().split())
+    assert "(default: 4 4)" in text and "(default: 32)" in text and "(default: half)" in text
+
+
 # ---------------------------------------------------------------- 2. associative scan == sequential scan
 
 
