@@ -215,11 +215,10 @@ def test_timed_is_the_median_call_and_the_matmul_peak_counts_two_flops_per_multi
     assert r["matmul_peak_gflops"] == pytest.approx(2 * 64**3 / 0.5 / 1e9)
     assert r["bandwidth_gb_per_s"] == pytest.approx(2 * 64 * 256 * 4 / 0.25 / 1e9)  # a float32 (n, 4n) array
 
-    class Compiled:
-        def memory_analysis(self):
-            return type("Memory", (), dict(argument_size_in_bytes=2**30, output_size_in_bytes=2**29,
-                                           alias_size_in_bytes=2**28, temp_size_in_bytes=2**31))()
-    assert bench.executable_gib(Compiled()) == pytest.approx(1 + 0.5 - 0.25 + 2)
+    memory = types.SimpleNamespace(argument_size_in_bytes=2**30, output_size_in_bytes=2**29,
+                                   alias_size_in_bytes=2**28, temp_size_in_bytes=2**31)
+    compiled = types.SimpleNamespace(memory_analysis=lambda: memory)
+    assert bench.executable_gib(compiled) == pytest.approx(1 + 0.5 - 0.25 + 2)
 
 
 def test_hlo_sources_trace_a_compiled_instruction_to_its_scope_and_line():

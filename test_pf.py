@@ -1,5 +1,6 @@
 """Properties of pf.py, each against an independent reference: the thesis' tables, NumPy loops,
 the sequential scan, the token-by-token step."""
+import argparse
 import dataclasses
 import functools
 import math
@@ -94,7 +95,6 @@ def test_cli_prints_the_tree_and_ends_with_the_count():
 def test_config_flags_default_to_the_preset_they_are_given():
     """add_config_args(parser, defaults): with no flags, every field (tuple, bool, choice, float, int) takes
     the preset's value, not the baseline's, and --help shows it; a flag still overrides it."""
-    import argparse
     preset = pf.Config(pooling=(4, 4), layers=(1, 2, 3), d_model=32, complex_rnn=False, ring="half",
                        norm="rms", scale=0.5, dropout=0.1, vocab=64)
     parser = argparse.ArgumentParser()
