@@ -432,6 +432,35 @@ def test_step_by_step_equals_parallel_forward(changes):
     assert int(state["pos"]) == 36
 
 
+@pytest.mark.parametrize("changes", [{}, {"deepest": "attention", "complex_rnn": False, "norm": "rms"}],
+                         ids=["baseline-shaped", "attention,real,rms"])
+def test_every_parameters_gradient_is_how_the_loss_moves_when_that_parameter_moves(changes):
+    """jax.grad of the loss against central differences, one parameter leaf at a time: a stop_gradient, a
+    custom derivative or a cast that cuts a parameter off its gradient (or scales it) shows as a leaf whose
+    gradient disagrees with how the loss moves. Each leaf moves by 1e-3 along its own random +-1 direction;
+    the loss is differenced token by token in float64, so float32 rounding stays below the tolerance (clean
+    code: under a quarter of it)."""
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), **{**SMALL, **changes})
+    params = perturbed(init(jax.random.key(0), cfg), size=0.1)
+    tokens = random_tokens(1, 2, 32)
+
+    def token_nll(p):  # (B, S): -log p(token), as pf.nll_sum sums it
+        return -jnp.take_along_axis(jax.nn.log_softmax(pf.apply(p, tokens, cfg)), tokens[..., None], -1)[..., 0]
+
+    grads = jax.tree.leaves(jax.jit(jax.grad(lambda p: jnp.sum(token_nll(p))))(params))
+    token_nll = jax.jit(token_nll)
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
+    rng, eps = np.random.default_rng(0), 1e-3
+    for i, (path, leaf, grad) in enumerate(zip(paths, leaves, grads)):
+        r = rng.choice([-1.0, 1.0], size=leaf.shape).astype(np.float32)
+        moved = [jax.tree.unflatten(jax.tree.structure(params), [*leaves[:i], leaf + s * eps * r, *leaves[i + 1:]])
+                 for s in (1, -1)]
+        up, down = (np.asarray(token_nll(p), np.float64) for p in moved)
+        numeric, analytic = np.sum(up - down) / (2 * eps), float(jnp.sum(grad * r))
+        assert abs(numeric - analytic) <= 0.02 * abs(analytic) + 0.01, \
+            f"{jax.tree_util.keystr(path)}: gradient {analytic:.5g}, central difference {numeric:.5g}"
+
+
 def test_dropout_mask_keeps_one_minus_rate_and_rescales():
     keep = pf.dropout_mask(jax.random.key(0), 0.2, (1000, 2, 100))
     assert abs(float(keep.mean()) - 0.8) < 0.005  # 200,000 draws: 5 standard deviations is 0.0045

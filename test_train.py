@@ -342,6 +342,25 @@ def test_optimizer_clips_the_global_gradient_norm_at_200_then_applies_adamw(norm
     assert clipping_shows == (max(norms) > 200)
 
 
+def test_two_training_steps_are_adamw_by_hand_on_the_parameters_not_the_ema(data_dir):
+    """The compiled train step, twice (AdamW, warmup 1, weight decay 0.5, an EMA started at zero so it
+    differs from the weights), against adamw_by_hand over the two batches' jax.grad: the update, its
+    decoupled decay included, is computed from the parameters."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    batches = [(tokens.astype(np.int32), mask) for tokens, mask in data.batches(ds.train, 8, seed=0)][:2]
+    tc = train.TrainConfig(batch_size=8, warmup=1, lr=0.01, weight_decay=0.5, ema=0.5)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = jax.device_get(jax.jit(lambda: train.init_state(TINY_CFG, tc))())
+    state = jax.device_put({**state, "ema": jax.tree.map(np.zeros_like, state["params"])}, NamedSharding(mesh, P()))
+    step, start, grads = train.make_train_step(TINY_CFG, tc, mesh), snapshot(state["params"]), []
+    for tokens, mask in batches:
+        grads.append(snapshot(reference_grad(state["params"], tokens, mask, TINY_CFG)[1]))
+        state, _ = step(state, tokens, mask, np.float32(1))
+    expected = adamw_by_hand(start, grads, tc, tc.clip_norm)
+    assert max(float(np.abs(expected[k] - start[k]).max()) for k in start) > 1e-3  # the second step moved them
+    assert_same_params(snapshot(state["params"]), expected, 1e-6)
+
+
 def test_best_npz_holds_the_ema_of_the_lowest_validation_nll_and_keep_limits_the_checkpoints(
         reference, data_dir, compile_cache, tmp_path):
     """Evaluation stubbed to return validation NLLs 3, 1, 2, 1.5 at steps 2, 4, 6, 8 (test NLLs lowest
@@ -734,6 +753,26 @@ def test_each_step_draws_its_own_dropout_masks_and_lr_scale_scales_the_adamw_upd
     assert max(float(np.abs(v).max()) for v in moved[1.0].values()) > 1e-3
     assert_same_params(moved[0.5], {k: v / 2 for k, v in moved[1.0].items()}, 1e-6)  # float32 rounding of p
     assert_same_params(moved[0.0], {k: 0 * v for k, v in moved[1.0].items()}, 0.0)
+
+
+def test_each_microbatch_draws_its_own_dropout_masks_from_the_steps_key():
+    """Dropout 0.5, 2 microbatches of 2, and a batch whose two microbatches hold the same rows (microbatch i
+    takes rows i, i + 2): the step's loss is the two microbatches' NLL sums, each under its own key
+    fold_in(fold_in(key(seed + 1), step), i), over the token count (pf.nll_sum, outside the step). One key
+    shared by both would give the first microbatch's loss alone."""
+    cfg = dataclasses.replace(TINY_CFG, dropout=0.5)
+    tc = train.TrainConfig(batch_size=4, microbatch=2, seed=3)
+    rows = np.random.default_rng(0).integers(0, 256, (2, 160)).astype(np.int32)
+    tokens, mask = rows[[0, 0, 1, 1]], np.ones((4, 160), np.float32)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = jax.device_put(jax.jit(lambda: train.init_state(cfg, tc))(), NamedSharding(mesh, P()))
+    params = jax.tree.map(np.array, state["params"])
+    loss = float(train.make_train_step(cfg, tc, mesh)(state, tokens, mask, np.float32(1))[1]["loss_bits"])
+    step_key = jax.random.fold_in(jax.random.key(4), 0)
+    nll = jax.jit(lambda i: pf.nll_sum(params, rows, np.ones((2, 160)), cfg, jax.random.fold_in(step_key, i))[0])
+    each = [float(nll(i)) / (2 * 160) / math.log(2) for i in (0, 1)]
+    assert abs(each[0] - each[1]) > 1e-3  # two draws of the masks: two losses
+    assert loss == pytest.approx((each[0] + each[1]) / 2, abs=1e-5)
 
 
 def test_input_noise_moves_a_share_of_the_inputs_and_the_loss_keeps_the_clean_targets(data_dir):
