@@ -779,20 +779,22 @@ def test_input_noise_moves_a_share_of_the_inputs_and_the_loss_keeps_the_clean_ta
     """corrupt_inputs: p of the tokens move, each by 1..8 levels up or down, clipped to 0..255.
     The step with --input-noise 0.3: its loss is the NLL of the clean tokens given the inputs
     corrupt_inputs draws from the step's key (pf.apply, NumPy log-softmax), not that of the clean
-    inputs; with 0 it is the clean NLL."""
+    inputs; with 0 it is the clean NLL. The step is fed uint8 tokens, as data.batches yields them."""
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4000)), jnp.int32)
     moved = np.asarray(train.corrupt_inputs(tokens, jax.random.key(3), 0.3, 256)) - np.asarray(tokens)
     assert 0.29 < np.mean(moved != 0) < 0.31 and np.abs(moved).max() == 8  # (a token at 0 or 255 can stay)
     assert abs(np.mean(moved > 0) - np.mean(moved < 0)) < 0.01
+    as_bytes = train.corrupt_inputs(tokens.astype(jnp.uint8), jax.random.key(3), 0.3, 256)  # no wrap below 0
+    assert np.array_equal(np.asarray(as_bytes), np.asarray(tokens) + moved)
     edge = np.asarray(train.corrupt_inputs(jnp.full((1, 4000), 255), jax.random.key(3), 1.0, 256))
     assert edge.min() == 247 and edge.max() == 255 and 0.45 < np.mean(edge == 255) < 0.55  # the upward half
     ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
     tokens, mask = next(iter(data.batches(ds.train, 8, seed=0)))
-    tokens = tokens.astype(np.int32)
+    assert tokens.dtype == np.uint8
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
 
     def nll_bits(params, inputs):
-        logits = np.asarray(jax.jit(pf.apply, static_argnums=2)(params, jnp.asarray(inputs), TINY_CFG), np.float64)
+        logits = np.asarray(jax.jit(pf.apply, static_argnums=2)(params, jnp.asarray(inputs, jnp.int32), TINY_CFG), np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         return -np.sum(np.take_along_axis(logp, tokens[..., None], -1)[..., 0] * mask) / mask.sum() / math.log(2)
@@ -804,7 +806,7 @@ def test_input_noise_moves_a_share_of_the_inputs_and_the_loss_keeps_the_clean_ta
         params = jax.tree.map(jnp.copy, state["params"])
         losses[p] = float(train.make_train_step(TINY_CFG, tc, mesh)(state, tokens, mask, np.float32(1))[1]["loss_bits"])
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(6), 0), 1)  # seed+1, step 0, n_micro + microbatch 0
-    noisy = np.asarray(train.corrupt_inputs(jnp.asarray(tokens), key, 0.3, 256))
+    noisy = np.asarray(train.corrupt_inputs(jnp.asarray(tokens, jnp.int32), key, 0.3, 256))
     assert np.mean(noisy != tokens) > 0.2
     assert losses[0.0] == pytest.approx(nll_bits(params, tokens), abs=1e-4)
     assert losses[0.3] == pytest.approx(nll_bits(params, noisy), abs=1e-4)

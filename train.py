@@ -138,8 +138,9 @@ def corrupt_inputs(tokens, key, p, vocab, width=8):
     only, the model never sees an input like its own sampling errors, and a sample that leaves the
     data does not come back (README: Results)."""
     k_hit, k_size, k_sign = jax.random.split(key, 3)
+    tokens = tokens.astype(jnp.int32)  # the step gets uint8 tokens, in which a sign of 2 * 0 - 1 wraps to 255
     size = jax.random.randint(k_size, tokens.shape, 1, width + 1)
-    sign = 2 * jax.random.bernoulli(k_sign, 0.5, tokens.shape).astype(tokens.dtype) - 1
+    sign = 2 * jax.random.bernoulli(k_sign, 0.5, tokens.shape).astype(jnp.int32) - 1
     moved = jnp.clip(tokens + size * sign, 0, vocab - 1)
     return jnp.where(jax.random.bernoulli(k_hit, p, tokens.shape), moved, tokens)
 
