@@ -270,6 +270,16 @@ def test_kernel_times_count_a_loop_body_not_the_loop_around_it(tmp_path):
     assert sum(1 for n in names if "sin" in n or "multiply" in n or "fusion" in n) >= 20, names
 
 
+def test_kernel_times_keep_back_to_back_kernels_at_a_long_traces_timestamps():
+    """A GPU stream's kernels 0 ns apart, a second into a trace (timestamps near 1e9 ns, which a float32
+    rounds to 64 ns): each ends before the next begins, so both count, each with its own duration."""
+    event = lambda start, ns, name: types.SimpleNamespace(start_ns=start, duration_ns=ns, name=name, stats=[])
+    stream = types.SimpleNamespace(name="Stream #7", events=[event(10**9 + 90, 30, "fusion.2"),
+                                                              event(10**9 + 40, 50, "fusion.1")])
+    profile = types.SimpleNamespace(planes=[types.SimpleNamespace(name="/device:GPU:0", lines=[stream])])
+    assert bench.kernel_times(profile) == [("fusion.1", 50.0), ("fusion.2", 30.0)]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--part", "train", "--variants", '[{"gates": "dense"}]'], 'gates="dense" is not known'),
     (["--part", "train", "--variants", '[{"remat": "all"}]'], 'remat="all" is not known'),

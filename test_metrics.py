@@ -581,6 +581,20 @@ def test_linear_predictor_costs_the_entropy_of_white_noise_and_less_for_a_resona
     assert abs(saved - np.log2(gain)) < 0.3, (saved, np.log2(gain))
 
 
+def test_the_reference_bits_take_a_clips_uint8_tokens_up_to_255():
+    """Every clip a dataset yields is min-max scaled, so its uint8 tokens reach 0 and 255: the Gaussian
+    token bits of 0 and 255 are the mass below the second edge and above the last but one (NumPy's
+    int64 indices give the same), and lpc_bits has a finite cost for every predicted token."""
+    tokens = data.encode(np.random.default_rng(2).normal(0, 0.05, 16000), 'mu-law')
+    assert tokens.dtype == np.uint8 and tokens.min() == 0 and tokens.max() == 255
+    edges = metrics.mu_law_edges()
+    ends = metrics.gaussian_token_bits(np.array([0, 255], np.uint8), 0.0, 0.5)
+    tail = scipy.stats.norm.cdf(edges[1] / 0.5), scipy.stats.norm.sf(edges[255] / 0.5)
+    np.testing.assert_allclose(ends, -np.log2(0.999 * np.array(tail) + 0.001 / 256), rtol=1e-9)
+    np.testing.assert_array_equal(ends, metrics.gaussian_token_bits(np.array([0, 255], np.int64), 0.0, 0.5))
+    assert np.isfinite(metrics.lpc_bits(tokens)[800:]).all()  # the first two frames: no fit
+
+
 def test_nll_by_offset_counts_offsets_from_the_up_pools_shift():
     """Pooling by 4: up_pool shifts by 3, so position 3 is offset 0 (its pooled step has seen every
     token before it), position 4 offset 1, ...; padded positions are left out."""

@@ -461,6 +461,22 @@ def test_every_parameters_gradient_is_how_the_loss_moves_when_that_parameter_mov
             f"{jax.tree_util.keystr(path)}: gradient {analytic:.5g}, central difference {numeric:.5g}"
 
 
+def test_attention_step_equals_apply_when_its_scores_are_large():
+    """A trained model's attention can score far past 88, where float32's exp overflows: the deepest
+    level's query and key weights 20x their perturbed values give scores up to ~900, and `pf.step`
+    must still equal `pf.apply` (both softmaxes are shifted by their row's largest score)."""
+    cfg = pf.Config(pooling=(2,), layers=(1, 1), deepest="attention", **SMALL)
+    params = perturbed(init(jax.random.key(0), cfg))
+    attention = params["skip_block"]["inner"]["layers"]["temporal"]["branch"]["attention"]
+    for name in ("q", "k"):
+        attention[name]["w"] = 20 * attention[name]["w"]
+    x = random_tokens(3, 2, 16)
+    stepped, _ = step_logits(params, cfg, x)
+    full = apply(params, x, cfg)
+    assert bool(jnp.all(jnp.isfinite(full)))
+    assert_close(stepped, full, 2e-5 * max(1.0, float(jnp.abs(full).max())), "step vs apply")
+
+
 def test_dropout_mask_keeps_one_minus_rate_and_rescales():
     keep = pf.dropout_mask(jax.random.key(0), 0.2, (1000, 2, 100))
     assert abs(float(keep.mean()) - 0.8) < 0.005  # 200,000 draws: 5 standard deviations is 0.0045

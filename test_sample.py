@@ -113,6 +113,9 @@ def test_filter_logits_matches_temperature_and_nucleus_by_hand():
     draws = jax.random.categorical(jax.random.key(0), sample.filter_logits(logits, t, p), shape=(20000, 2))
     freq = np.stack([np.bincount(np.asarray(draws[:, i]), minlength=12) / 20000 for i in range(2)])
     np.testing.assert_allclose(freq, got, atol=0.015)
+    # top_p 1 keeps every token, even of a confident distribution whose float32 cumsum reaches 1 early
+    confident = jnp.zeros((1, 256)).at[0, 7].set(30.0)
+    np.testing.assert_array_equal(np.asarray(sample.filter_logits(confident, 0.5, 1.0)), np.asarray(confident) / 0.5)
 
 
 def read_clips(out):
