@@ -63,7 +63,11 @@ def prompt_tokens(path, encoding, length):
     audio, rate = data.read_wav(path)
     if rate != data.SAMPLE_RATE:
         audio = data.resample(audio, rate, data.SAMPLE_RATE)
-    tokens = data.encode(audio[: length - 1], encoding)
+    audio = audio[: length - 1]
+    if encoding == "bytes":  # the inverse of how write_samples plays a bytes model's tokens: t / 127.5 - 1
+        tokens = np.clip(np.rint((audio.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
+    else:
+        tokens = data.encode(audio, encoding)
     return tokens, len(tokens)
 
 

@@ -307,6 +307,17 @@ def test_bad_sampling_flags_are_refused(flags, words):
         sample.parse_args(["--checkpoint", "x", "--out", "y", *flags])
 
 
+def test_a_bytes_models_prompt_is_read_back_as_the_bytes_its_samples_are_played_from(tmp_path):
+    """A model trained on a byte stream (--dataset bytes) writes its clips as tokens / 127.5 - 1; a WAV
+    written that way, given back as --prompt, must give the same bytes (a uint8 cast of the float audio
+    would give 0 for every sample below 1)."""
+    tokens = np.array([0, 1, 64, 127, 128, 200, 254, 255], np.uint8)
+    data.write_wav(str(tmp_path / "bytes.wav"), tokens / 127.5 - 1)
+    got, n = sample.prompt_tokens(str(tmp_path / "bytes.wav"), "bytes", 100)
+    assert n == 8 and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, tokens)
+
+
 def test_a_corrupt_prompt_wav_ends_in_one_error_line_naming_it(run_dir, tmp_path):
     bad = tmp_path / "prompt.wav"
     bad.write_bytes(b"RIFF, but not audio")
