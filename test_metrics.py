@@ -595,6 +595,16 @@ def test_the_reference_bits_take_a_clips_uint8_tokens_up_to_255():
     assert np.isfinite(metrics.lpc_bits(tokens)[800:]).all()  # the first two frames: no fit
 
 
+def test_a_splits_padded_rows_reach_the_classifier_as_digital_silence():
+    """_split_audio (what train-classifier and evaluate score): each row's real tokens decoded, and its
+    padding exactly 0.0 (token 128 decodes to 8.6e-5, not 0)."""
+    tokens = np.random.default_rng(5).integers(0, 256, (2, 16000)).astype(np.uint8)
+    tokens[1, 9000:] = data.SILENCE
+    audio = metrics._split_audio(data.Split(tokens, np.array([16000, 9000], np.int32), np.array([3, 4])), 'mu-law')
+    np.testing.assert_array_equal(audio[:, :9000], data.mu_law_decode(tokens[:, :9000]))
+    assert (audio[1, 9000:] == 0.0).all() and (audio[0, 9000:] == data.mu_law_decode(tokens[0, 9000:])).all()
+
+
 def test_nll_by_offset_counts_offsets_from_the_up_pools_shift():
     """Pooling by 4: up_pool shifts by 3, so position 3 is offset 0 (its pooled step has seen every
     token before it), position 4 offset 1, ...; padded positions are left out."""
@@ -619,6 +629,10 @@ def test_frame_nll_splits_loud_frames_from_noise_floor_frames():
     lpc = metrics.lpc_bits(tokens)
     assert result['floor'][2] == pytest.approx(np.mean(np.r_[lpc[800:8000], lpc[12000:]]))
     assert result['loud'][2] < result['floor'][2] - 2  # a tone is far easier to predict than noise
+    # the same clip as a padded row of 24,000 (silence, and bits the padding never earns): the same frames
+    padded = metrics.frame_nll(np.r_[model_bits, np.full(8000, 99.0)][None],
+                               np.r_[tokens, np.full(8000, data.SILENCE, np.uint8)][None], [16000])
+    assert padded == result
 
 # ---------------------------------------------------------------- figures
 

@@ -44,6 +44,18 @@ def test_rglru_coefficients_and_scan_stay_float32_on_bf16_input(complex_rnn):
     assert any(e.primitive.name == "scan" for e in eqns) and jaxpr.outvars[0].aval.dtype == BF16
 
 
+def test_rope_angles_stay_float32_on_bf16_input_at_positions_past_256():
+    """bf16 holds integers exactly only up to 256: the attention of a long deepest level (the music presets'
+    has thousands of pooled steps) must rotate by float32 angles, so a bf16 input at positions 257-4000
+    gives the float32 rotation to bf16's rounding (a bf16 angle is off by up to 8 radians at 4000)."""
+    x = jax.random.normal(jax.random.key(0), (5, 2, 16))
+    pos = jnp.array([257, 259, 1001, 2999, 4000])[:, None]
+    want = np.asarray(pf.rope(x, pos))
+    got = np.asarray(pf.rope(x.astype(BF16), pos).astype(jnp.float32))
+    assert pf.rope(x.astype(BF16), pos).dtype == BF16
+    np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
+
+
 def test_bf16_model_runs_its_matmuls_in_bf16_and_keeps_norms_head_and_state_float32():
     cfg = pf.Config(pooling=(2,), layers=(1, 1), **SMALL)
     params = pf.init(jax.random.key(0), cfg)

@@ -212,6 +212,10 @@ def test_a_clips_nll_is_the_mean_over_its_generated_tokens_only(run_dir, tmp_pat
     _, logp = sample.generate(params, CFG, jax.random.fold_in(jax.random.key(0), 0), np.tile(prompt, (2, 1)), 10)
     want = -np.asarray(logp)[:, 10:].mean(1) / np.log(2)
     np.testing.assert_allclose([r["nll_bits"] for r in read_clips(out)[0]], want, rtol=1e-5)
+    # one clip (--n 1): a batch axis of 1 is kept, and the WAV holds the whole clip
+    one = sample.write_samples(cfg, p, meta, str(tmp_path / "one"), 1, batch_size=1, prompt=prompt, prompt_len=10)
+    records, clips = read_clips(str(tmp_path / "one"))
+    assert one.shape == (1, LENGTH) and len(records) == 1 and clips[0][0].shape == (LENGTH,)
 
 
 def test_a_prompt_is_resampled_to_16khz_and_cut_to_leave_a_token_to_sample(tmp_path):

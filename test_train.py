@@ -460,6 +460,20 @@ def test_the_step_is_fed_the_training_split_in_each_epochs_seeded_order_across_e
     assert not np.array_equal(want[20], [t for t, _ in data.batches(ds.train, 8, 3, 0)][0])  # epochs differ
 
 
+def test_an_epoch_is_the_full_batches_of_the_training_split(data_dir, tmp_path, monkeypatch):
+    """--epochs 2 at batch 7, which does not divide the training split: each epoch is its full batches
+    (data.batches in each epoch's order); the last partial batch is dropped, not a step of its own."""
+    ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
+    want = [t for e in range(2) for t, _ in data.batches(ds.train, 7, 0, e)]
+    fed = []
+    stub_training(monkeypatch, fed, val_nlls=[5.0] * 10)
+    argv = args(data_dir, str(tmp_path / "epochs"), "--batch-size", "7", "--epochs", "2", "--eval-every", "1000")
+    del argv[argv.index("--steps"):argv.index("--steps") + 2]  # the run's length from --epochs alone
+    assert train.main(argv) == 0
+    assert len(ds.train) % 7 and len(fed) == len(want) == 2 * (len(ds.train) // 7)
+    assert all(np.array_equal(got, expected) for got, expected in zip(fed, want))
+
+
 def test_best_npz_keeps_its_score_across_a_resume(data_dir, tmp_path, monkeypatch):
     """Validation NLL 1.0 at step 1, 2.0 at step 2; resumed, 3.0 at step 3: best.npz stays step 1's."""
     stub_training(monkeypatch, [], val_nlls=[1.0, 2.0, 3.0])
@@ -1053,10 +1067,20 @@ def test_a_value_at_the_edge_of_its_range_is_accepted(change):
     train.check_config(pf.Config(), train.TrainConfig(**change))
 
 
+def test_unigram_entropy_counts_each_rows_real_tokens_only():
+    """Rows of 6 tokens with 6, 2 and 0 real ones (the rest padding, 128): the entropy of 0, 0, 1, 2, 3, 3, 4, 4
+    in bits, by hand; a padding token counted would add a 128."""
+    tokens = np.array([[0, 0, 1, 2, 3, 3], [4, 4, 128, 128, 128, 128], [128] * 6], np.uint8)
+    split = data.Split(tokens, np.array([6, 2, 0], np.int32), np.full(3, -1))
+    assert train.unigram_entropy(split) == pytest.approx(-(3 * 0.25 * math.log2(0.25) + 2 * 0.125 * math.log2(0.125)))
+
+
 def test_train_clips_trains_and_validates_on_the_first_clip_of_each_digit_in_turn():
     labels = np.array([2, 0, 0, 1, 2, 0, -1])
     assert train.memorisation_rows(labels, 7).tolist() == [6, 1, 3, 0, 2, 4, 5]
     assert train.memorisation_rows(np.full(5, -1), 3).tolist() == [0, 1, 2]
+    # 300 clips a label, as the built-in digits have 320: ranks past 255 keep their order
+    assert train.memorisation_rows(np.tile([0, 1, 2], 300), 900).tolist() == list(range(900))
     tokens = np.arange(7)[:, None] * np.ones((1, 4), np.uint8)
     split = data.Split(tokens, np.arange(1, 8, dtype=np.int32), labels)
     ds = data.Dataset("sc09-espeak", "mu-law", 16000, 4, split, split, split)

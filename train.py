@@ -253,6 +253,13 @@ def subset(split, n):
     return split if n is None else split.take(slice(n))
 
 
+def unigram_entropy(split):
+    """Bits per token of the split's real tokens (padding left out): the NLL of a model that ignores the context."""
+    real = np.arange(split.tokens.shape[1]) < split.lengths[:, None]
+    p = np.bincount(split.tokens[real], minlength=256) / real.sum()
+    return float(-np.sum(p[p > 0] * np.log2(p[p > 0])))
+
+
 def memorisation_rows(labels, n):
     """The first clip of each label in label order, then the second of each, ...: n training rows.
     On the built-in digits n = 10 gives one clip per digit; unlabelled data (-1) gives rows 0..n-1."""
@@ -432,9 +439,7 @@ def main(argv=None):
     resolved = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc),
                 "data": {"name": ds.name, "encoding": ds.encoding, "sample_rate": ds.sample_rate, "seq_len": ds.seq_len}}
     say(format_config(resolved))
-    real = np.arange(ds.seq_len) < ds.train.lengths[:, None]
-    p = np.bincount(ds.train.tokens[real], minlength=256) / real.sum()
-    unigram = -np.sum(p[p > 0] * np.log2(p[p > 0]))  # the NLL of a model that ignores the context
+    unigram = unigram_entropy(ds.train)
     say(f"{len(ds.train)} train / {len(ds.validation)} validation / {len(ds.test)} test rows of {ds.seq_len} tokens; "
         f"unigram entropy {unigram:.2f} bits | {per_epoch} steps per epoch | {mesh.size} devices, "
         f"{jax.process_count()} processes")
