@@ -450,10 +450,10 @@ def test_every_parameters_gradient_is_how_the_loss_moves_when_that_parameter_mov
     grads = jax.tree.leaves(jax.jit(jax.grad(lambda p: jnp.sum(token_nll(p))))(params))
     token_nll = jax.jit(token_nll)
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
-    rng, eps = np.random.default_rng(0), 1e-3
+    treedef, rng, eps = jax.tree.structure(params), np.random.default_rng(0), 1e-3
     for i, (path, leaf, grad) in enumerate(zip(paths, leaves, grads)):
         r = rng.choice([-1.0, 1.0], size=leaf.shape).astype(np.float32)
-        moved = [jax.tree.unflatten(jax.tree.structure(params), [*leaves[:i], leaf + s * eps * r, *leaves[i + 1:]])
+        moved = [jax.tree.unflatten(treedef, [*leaves[:i], leaf + s * eps * r, *leaves[i + 1:]])
                  for s in (1, -1)]
         up, down = (np.asarray(token_nll(p), np.float64) for p in moved)
         numeric, analytic = np.sum(up - down) / (2 * eps), float(jnp.sum(grad * r))
