@@ -485,6 +485,25 @@ def test_best_npz_keeps_its_score_across_a_resume(data_dir, tmp_path, monkeypatc
     assert [r["val_nll_bits"] for r in log_records(out) if "val_nll_bits" in r] == [1.0, 2.0, 3.0]
 
 
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_so_two_runs_never_mix(data_dir, tmp_path, monkeypatch):
+    """Without --resume, an --out that holds checkpoints (or only best.npz) is refused before anything is
+    written: a second run there would append to the first's log.jsonl, and the rotation would keep
+    whichever run's checkpoints sort last. --resume continues it."""
+    stub_training(monkeypatch, [], val_nlls=[1.0, 2.0, 3.0])
+    out = str(tmp_path / "taken")
+    assert train.main(args(data_dir, out, "--steps", "2", "--eval-every", "1")) == 0
+    files, records = sorted(os.listdir(out)), log_records(out)
+    refused = re.escape(f"error: {out} already holds a run's checkpoints: continue it with --resume")
+    with pytest.raises(SystemExit, match=refused):
+        train.main(args(data_dir, out, "--steps", "3"))
+    assert sorted(os.listdir(out)) == files and log_records(out) == records
+    assert train.main(args(data_dir, out, "--steps", "3", "--eval-every", "1", "--resume")) == 0
+    assert [r["step"] for r in log_records(out) if "val_nll_bits" in r] == [1, 2, 3]
+    for path in train.checkpoints(out):  # best.npz alone is a run too: sample.py reads it
+        os.remove(path)
+    with pytest.raises(SystemExit, match=refused):
+        train.main(args(data_dir, out, "--steps", "4", "--warm-start", os.path.join(out, "best.npz")))
+
 def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(data_dir, tmp_path, monkeypatch):
     """--steps 3 --eval-every 1: OUT/curves.png is drawn after each evaluation with the validation NLLs so
     far (1, 2, then 3 of them), and once more at the end with every training step's loss."""
