@@ -1,6 +1,6 @@
 """Generate audio from a trained Poolformer with the recurrent sampler.
 
-    python sample.py --checkpoint runs/digits --n 16 --out runs/digits/samples
+    python sample.py --checkpoint runs/digits --n 16 --out runs/digits/more
 
 One jitted lax.scan over pf.step: every layer keeps its state, and level k runs (lax.cond inside
 pf.step) only once every F_1*..*F_k tokens, so a token costs about what one token of a parallel
@@ -10,6 +10,7 @@ Writes OUT/sample_XXX.wav (16-bit, decoded with the dataset's own encoding), OUT
 """
 import json
 import os
+import re
 import sys
 import time
 
@@ -158,6 +159,11 @@ def write_samples(cfg, params, meta, out, n, generate_n=None, seed=0, batch_size
     keep = np.argsort(nll_bits)[:n] if generate_n else np.arange(n)
 
     os.makedirs(out, exist_ok=True)
+    stale = [f for f in os.listdir(out) if re.fullmatch(r"sample_\d+\.wav|metrics\.json", f)]
+    for f in stale:  # an earlier draw's clips and scores: metrics.py evaluate would score every WAV here
+        os.remove(os.path.join(out, f))
+    if stale:
+        print(f"removed {len(stale)} earlier files from {out} (its WAVs, metrics.json)")
     audio = data.decode(tokens[keep], encoding) if encoding != "bytes" else tokens[keep] / 127.5 - 1
     records, labels = [], []
     guesses = digit_guesses(meta, audio, rate)

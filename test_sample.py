@@ -153,6 +153,10 @@ def test_wavs_are_16khz_mono_16bit_of_the_right_length_and_decode_the_tokens(run
         assert abs(records[i]["nll_bits"] + float(np.mean(logp[i])) / np.log(2)) < 1e-4
     png = open(os.path.join(out, "spectrograms.png"), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # drawn again into the same folder, fewer: no earlier clip (nor the scores of them) is left to be scored
+    open(os.path.join(out, "metrics.json"), "w").write("{}")
+    assert sample.main(["--checkpoint", run_dir, "--n", "1", "--out", out, "--seed", "6"]) == 0
+    assert sorted(os.listdir(out)) == ["sample_000.wav", "samples.json", "spectrograms.png"]
 
 
 def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_path, monkeypatch):
