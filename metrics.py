@@ -997,6 +997,8 @@ def evaluate_samples(samples, classifier_dir, checkpoint_path=None, dtype='float
 def cmd_evaluate(args):
     if not os.path.isdir(args.samples):
         raise SystemExit(f'error: --samples {args.samples}: no such folder (sample.py --out writes one)')
+    if args.dataset is None:  # the run's own: an SC09 run's samples are never scored by the built-in digits' classifier
+        args.dataset = checkpoint.load_model(args.checkpoint)[2]['data']['name'] if args.checkpoint else 'sc09-espeak'
     cdir = args.classifier or find_classifier(args.dataset, args.data_dir)
     if cdir is None or not os.path.isfile(os.path.join(cdir, 'params.npz')):
         where = args.classifier or os.path.join(args.data_dir, f'classifier-{args.dataset}')
@@ -1152,7 +1154,8 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', default=None, help='train.py run folder or .npz, for the test NLL column')
     p.add_argument('--classifier', default=None, help='the classifier folder (default: DATA_DIR/classifier-DATASET, '
                    'else the one shipped in classifiers/DATASET)')
-    p.add_argument('--dataset', default='sc09-espeak', help='whose classifier and training statistics')
+    p.add_argument('--dataset', default=None, help="whose classifier and training statistics (default: the "
+                   "--checkpoint run's dataset, else sc09-espeak)")
     p.add_argument('--data-dir', default='data', help='where the datasets and classifiers live')
     p.add_argument('--out', default=None, help='JSON path (default: SAMPLES/metrics.json)')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',

@@ -818,22 +818,33 @@ def test_compare_runs_reads_equal_minutes_and_equal_steps(tmp_path):
         metrics.compare_runs([str(tmp_path)])
 
 
-@pytest.mark.parametrize('case', ['one_wav', 'rate_8k', 'no_params', 'clips_0'])
+@pytest.mark.parametrize('case', ['one_wav', 'rate_8k', 'no_params', 'clips_0', 'sc09_run'])
 def test_bad_input_to_evaluate_and_frames_ends_in_an_error_line_naming_it(case, tmp_path):
     """Each refused before any score is computed: a single clip (no covariance), 8 kHz clips (the
-    classifier hears 16 kHz), a --classifier folder without params.npz, frames --clips 0."""
+    classifier hears 16 kHz), a --classifier folder without params.npz, frames --clips 0, and an SC09
+    run's samples with no SC09 classifier (without --dataset, the run's own dataset picks the
+    classifier: the built-in digits' shipped one would score them in another's units)."""
     samples = tmp_path / 'samples'
     samples.mkdir()
     rate = 8000 if case == 'rate_8k' else 16000
     for i in range(1 if case == 'one_wav' else 2):
         data.write_wav(samples / f'{i}.wav', np.zeros(rate), rate)
     (tmp_path / 'empty').mkdir()
+    if case == 'sc09_run':
+        pf, checkpoint = pytest.importorskip('pf'), pytest.importorskip('checkpoint')
+        cfg = pf.Config(pooling=(2,), layers=(1, 1), d_model=16, d_rnn=64)
+        ema = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(lambda: pf.init(jax.random.key(0), cfg)))
+        (tmp_path / 'run').mkdir()
+        checkpoint.save_checkpoint(str(tmp_path / 'run' / 'best.npz'), {'ema': ema},
+                                   {'model': dataclasses.asdict(cfg), 'data': {'name': 'sc09'}})
     argv, words = {
         'one_wav': (['evaluate', '--samples', str(samples)], 'need at least 2 .wav files, found 1'),
         'rate_8k': (['evaluate', '--samples', str(samples)], '8000 Hz, the classifier needs 16000 Hz'),
         'no_params': (['evaluate', '--samples', str(samples), '--classifier', str(tmp_path / 'empty')],
                       f'no digit classifier in {tmp_path / "empty"}'),
         'clips_0': (['frames', '--checkpoint', str(tmp_path), '--clips', '0'], '--clips 0 must be >= 1'),
+        'sc09_run': (['evaluate', '--samples', str(samples), '--checkpoint', str(tmp_path / 'run'),
+                      '--data-dir', str(tmp_path)], f'no digit classifier in {tmp_path / "classifier-sc09"}'),
     }[case]
     with pytest.raises(SystemExit) as e:
         metrics.main(argv)
