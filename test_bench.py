@@ -290,3 +290,21 @@ def test_bench_refuses_unknown_variants_and_profiles_of_other_parts(argv, messag
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert message in str(e.value)
+
+
+def test_a_variants_patches_are_all_undone_even_one_patched_twice():
+    """bench.patches: what a variant sets inside the block (a switch set twice, as {"before": true,
+    "chunk": 16} sets pf.SCAN_CHUNK to 1 then 16) is back to its value from before the block afterwards,
+    also when the block raises, so no variant's switch leaks into the next variant."""
+    switches = types.SimpleNamespace(SCAN_CHUNK=None, SCAN="associative")
+    with bench.patches() as set_attr:
+        set_attr(switches, "SCAN_CHUNK", 1)
+        set_attr(switches, "SCAN_CHUNK", 16)
+        set_attr(switches, "SCAN", "fused")
+        assert (switches.SCAN_CHUNK, switches.SCAN) == (16, "fused")
+    assert (switches.SCAN_CHUNK, switches.SCAN) == (None, "associative")
+    with pytest.raises(ZeroDivisionError), bench.patches() as set_attr:
+        set_attr(switches, "SCAN_CHUNK", 1)
+        set_attr(switches, "SCAN_CHUNK", 64)
+        1 / 0
+    assert switches.SCAN_CHUNK is None

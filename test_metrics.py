@@ -283,9 +283,20 @@ def test_train_classifier_keeps_the_parameters_of_its_best_validation_accuracy(m
     audio, labels = tone_set(12, 0)
     seen, script = [], iter([0.5, 0.9, 0.3])  # (step 1's lr is 0, warmup: seen[0] is also the init)
     monkeypatch.setattr(metrics, 'accuracy', lambda params, images, labels_: seen.append(params) or next(script))
+    keys, real = [], metrics.make_train_step
+
+    def make_train_step(optimizer):  # records each step's key: the augmentation and masks are drawn from it
+        step = real(optimizer)
+        return lambda params, opt_state, key, *batch: keys.append(jax.random.key_data(key)) or step(
+            params, opt_state, key, *batch)
+    monkeypatch.setattr(metrics, 'make_train_step', make_train_step)
     params, info = metrics.train_classifier(jax.random.key(0), audio, labels, None, None, steps=3, batch=4,
                                             eval_every=1, widths=(8,), log=lambda line: None)
     assert info == {'best_step': 2, 'val_acc': 0.9} and len(seen) == 3
+    # each step draws fresh augmentation from a key of its own: fold_in(the steps' key, s), as the shipped one was made
+    k_steps = jax.random.split(jax.random.key(0))[1]
+    np.testing.assert_array_equal(np.stack(keys), np.stack([jax.random.key_data(jax.random.fold_in(k_steps, s))
+                                                            for s in (1, 2, 3)]))
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert same(params, seen[1]) and not same(params, seen[2]) and not same(params, seen[0])
 

@@ -157,6 +157,9 @@ def test_wavs_are_16khz_mono_16bit_of_the_right_length_and_decode_the_tokens(run
     open(os.path.join(out, "metrics.json"), "w").write("{}")
     assert sample.main(["--checkpoint", run_dir, "--n", "1", "--out", out, "--seed", "6"]) == 0
     assert sorted(os.listdir(out)) == ["sample_000.wav", "samples.json", "spectrograms.png"]
+    with open(os.path.join(out, "samples.json")) as f:  # replaced, not appended to
+        again = json.load(f)
+    assert again["seed"] == 6 and [r["file"] for r in again["samples"]] == ["sample_000.wav"]
 
 
 def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_path, monkeypatch):

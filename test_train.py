@@ -504,6 +504,19 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_so_two_runs_never_mix(
     with pytest.raises(SystemExit, match=refused):
         train.main(args(data_dir, out, "--steps", "4", "--warm-start", os.path.join(out, "best.npz")))
 
+def test_a_run_gives_the_signal_handlers_it_found_back_when_it_ends(data_dir, tmp_path, monkeypatch):
+    """train.main catches Ctrl-C and SIGTERM only while it runs: a caller's own handlers (a notebook's,
+    a job runner's) are theirs again afterwards, not the defaults, which would kill on a later signal."""
+    stub_training(monkeypatch, [], val_nlls=[1.0])
+    theirs = {s: (lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.signal(s, h) for s, h in theirs.items()}
+    try:
+        assert train.main(args(data_dir, str(tmp_path / "run"), "--steps", "1", "--eval-every", "1")) == 0
+        assert {s: signal.getsignal(s) for s in theirs} == theirs
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
 def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(data_dir, tmp_path, monkeypatch):
     """--steps 3 --eval-every 1: OUT/curves.png is drawn after each evaluation with the validation NLLs so
     far (1, 2, then 3 of them), and once more at the end with every training step's loss."""
