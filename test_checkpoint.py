@@ -145,6 +145,12 @@ def test_a_state_split_into_parts_under_a_size_reads_back_whole(tmp_path):
     assert same(checkpoint.restore(template, arrays, "parts")["ema"], ema)
     with pytest.raises(ValueError, match="repeats arrays"):
         checkpoint.read_parts([paths[0], paths[0]])
+    # ten parts or more come back in part order (as numbers, not as strings: 2of12 before 10of12)
+    keys = list(checkpoint.flatten({"ema": ema}))
+    each = checkpoint.save_parts(str(tmp_path / "each"), {"ema": ema}, meta, max_bytes=1)  # an array a part
+    assert len(each) == len(keys) >= 10
+    assert each == [str(tmp_path / f"each-{i}of{len(keys)}.npz") for i in range(1, len(keys) + 1)]
+    assert [k for p in each for k in checkpoint.read_checkpoint(p)[1]] == keys
     halves = checkpoint.save_parts(str(tmp_path / "halves"), {"ema": ema}, meta, max_bytes=total // 2)
     with pytest.raises(ValueError, match="repeats arrays"):  # the same state split twice: parts that overlap
         checkpoint.read_parts([halves[0], paths[0]])

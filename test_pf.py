@@ -59,6 +59,16 @@ THESIS_COUNTS = [  # (table, row, config changes, parameters)
 ]
 
 
+def test_the_start_token_is_the_token_of_silence_the_data_encodes_and_pads_with():
+    """pf.SILENCE (the input at position 0, the sampler's first input) is what data.py gives x = 0 under
+    both 8-bit encodings, and the token it pads rows with: the model starts from the silence it trained on."""
+    import data
+    for encoding in (data.mu_law_encode, data.linear_encode):
+        assert encoding(np.zeros(3)).tolist() == [pf.SILENCE] * 3
+    assert data.SILENCE == pf.SILENCE
+    assert data.encode(np.zeros((1, 5)), "mu-law").tolist() == [[pf.SILENCE] * 5]  # a silent clip, min-max scaled
+
+
 @pytest.mark.parametrize("table,row,changes,expected", THESIS_COUNTS, ids=[f"{t}:{r}" for t, r, _, _ in THESIS_COUNTS])
 def test_parameter_count_equals_thesis_table(table, row, changes, expected):
     cfg = pf.Config(**changes)

@@ -162,6 +162,19 @@ def test_wavs_are_16khz_mono_16bit_of_the_right_length_and_decode_the_tokens(run
     assert again["seed"] == 6 and [r["file"] for r in again["samples"]] == ["sample_000.wav"]
 
 
+def test_temperature_and_top_p_reach_the_sampler_as_given(run_dir, tmp_path, params):
+    """sample.py --temperature 0.7 --top-p 0.9: the WAVs are the tokens generate draws with those two
+    (each in its own place: the two are both floats in (0, 1]), and samples.json records them."""
+    out = str(tmp_path / "tempered")
+    assert sample.main(["--checkpoint", run_dir, "--n", "2", "--out", out, "--seed", "5",
+                        "--temperature", "0.7", "--top-p", "0.9"]) == 0
+    with open(os.path.join(out, "samples.json")) as f:
+        assert {k: v for k, v in json.load(f).items() if k in ("temperature", "top_p")} == {"temperature": 0.7, "top_p": 0.9}
+    key = jax.random.fold_in(jax.random.key(5), 0)
+    tokens, _ = jax.jit(lambda k: sample.generate(params, CFG, k, jnp.full((16, LENGTH), 128), 0, 0.7, 0.9))(key)
+    for i, (audio, _) in enumerate(read_clips(out)[1]):
+        np.testing.assert_allclose(audio, data.decode(np.asarray(tokens[i]), "mu-law"), atol=2 / 32768)
+
 def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_path, monkeypatch):
     prompt = np.sin(np.arange(10) / 2.0).astype(np.float32) * 0.5
     data.write_wav(str(tmp_path / "prompt.wav"), prompt)

@@ -614,13 +614,17 @@ def test_a_skipped_update_is_logged_when_it_happens(data_dir, tmp_path, monkeypa
 
 
 def test_the_end_of_run_report_samples_with_the_runs_seed_and_dtype(data_dir, tmp_path, monkeypatch):
+    """A bf16 run's report samples and scores in bf16, and so do its evaluations, whose validation NLL
+    picks best.npz: the NLL a run logs and the one its report prints are computed alike."""
     stub_training(monkeypatch, [], val_nlls=[5.0])
-    calls = []
+    calls, evaluations, stub = [], [], train.make_evaluate
     monkeypatch.setattr(train.sample, "quality_report", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(train, "make_evaluate", lambda cfg, mesh, dtype="float32": evaluations.append(dtype) or stub(cfg, mesh))
     out = str(tmp_path / "report")
     assert train.main(args(data_dir, out, "--steps", "1", "--seed", "3", "--report-samples", "5",
                            "--dtype", "bfloat16")) == 0
     assert calls == [((out, 5), {"dtype": "bfloat16", "seed": 3})]
+    assert evaluations == ["bfloat16"]
 
 
 def test_warm_start_continues_from_ema_weights_in_parts_with_a_fresh_optimiser(data_dir, tmp_path, monkeypatch):
@@ -628,7 +632,7 @@ def test_warm_start_continues_from_ema_weights_in_parts_with_a_fresh_optimiser(d
     so its own init differs) starts from them: its parameters and EMA are leg 1's EMA, its AdamW state
     fresh (step count 0: the warmup again), its step count, data position and minutes go on, and the log
     marks where it begins."""
-    stub_training(monkeypatch, [], val_nlls=[5.0] * 4)
+    stub_training(monkeypatch, [], val_nlls=[5.0] * 8)
     leg1, leg2 = str(tmp_path / "leg1"), str(tmp_path / "leg2")
     assert train.main(args(data_dir, leg1, "--steps", "3")) == 0
     cfg, ema, meta = train.load_model(leg1)
@@ -655,6 +659,13 @@ def test_warm_start_continues_from_ema_weights_in_parts_with_a_fresh_optimiser(d
     # weights of another model config are refused by name
     with pytest.raises(SystemExit, match="d_model: checkpoint 16 vs requested 32"):
         train.main(args(data_dir, str(tmp_path / "leg3"), "--d-model", "32", "--warm-start", *parts))
+    # a whole checkpoint (best.npz: params/ beside ema/) gives its EMA weights, not its raw parameters
+    whole, leg4 = str(tmp_path / "whole.npz"), str(tmp_path / "leg4")
+    checkpoint.save_checkpoint(whole, {"params": jax.tree.map(lambda v: v + 1, ema), "ema": ema}, meta)
+    assert train.main(args(data_dir, leg4, "--steps", "4", "--warm-start", whole)) == 0
+    _, arrays = train.read_checkpoint(train.checkpoints(leg4)[-1])
+    for k, v in flat.items():
+        np.testing.assert_array_equal(arrays[f"params/{k}"], v)
 
 
 def full_size_script():
