@@ -427,7 +427,7 @@ def main(argv=None):
     taken = os.path.isdir(tc.out) and (checkpoints(tc.out) or os.path.exists(os.path.join(tc.out, "best.npz")))
     if taken and not tc.resume:  # a second run would append to its log; the rotation would keep the last-sorting files
         raise SystemExit(f"error: {tc.out} already holds a run's checkpoints: continue it with --resume, "
-                         f"or start a new run with another --out")
+                         "or start a new run with another --out")
     mesh = make_mesh()
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
