@@ -336,7 +336,7 @@ def augment_audio(key, audio):
     audio = jnp.where(jax.random.bernoulli(k[1]), shifted, audio)
     audio = audio * jnp.where(jax.random.bernoulli(k[2]), jax.random.uniform(k[3], (), minval=0.7, maxval=1.1), 1.0)
     brown = jnp.cumsum(jax.random.normal(k[4], (s,)))                # random walk: energy at low frequencies
-    brown = brown - jnp.linspace(0.0, 1.0, s) * brown[-1]            # pin both ends to 0 (no step at the edges)
+    brown = brown - jnp.linspace(0.0, 1.0, s) * brown[-1]            # the end pinned to 0, the start one step from it
     brown = brown / (jnp.max(jnp.abs(brown)) + 1e-6)
     mix = jnp.where(jax.random.bernoulli(k[5]), jax.random.uniform(k[6], (), maxval=0.15), 0.0)
     audio = audio * (1 - mix) + brown * mix
