@@ -280,6 +280,16 @@ def test_kernel_times_keep_back_to_back_kernels_at_a_long_traces_timestamps():
     assert bench.kernel_times(profile) == [("fusion.1", 50.0), ("fusion.2", 30.0)]
 
 
+def test_kernel_times_keep_a_body_kernel_that_starts_with_its_loop():
+    """A CPU's while loop and the first kernel of its body can begin at the same nanosecond: the loop,
+    the longer event, holds the body, so the body's kernels count and the loop does not."""
+    event = lambda start, ns, op: types.SimpleNamespace(start_ns=start, duration_ns=ns, name=op,
+                                                        stats=[("hlo_op", op)])
+    thread = types.SimpleNamespace(name="tf_XLACpuThread", events=[event(100, 40, "fusion.1"), event(100, 100, "while.3"),
+                                                                    event(140, 50, "dot.2")])
+    profile = types.SimpleNamespace(planes=[types.SimpleNamespace(name="/host:CPU", lines=[thread])])
+    assert bench.kernel_times(profile) == [("fusion.1", 40.0), ("dot.2", 50.0)]
+
 @pytest.mark.parametrize("argv, message", [
     (["--part", "train", "--variants", '[{"gates": "dense"}]'], 'gates="dense" is not known'),
     (["--part", "train", "--variants", '[{"remat": "all"}]'], 'remat="all" is not known'),

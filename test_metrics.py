@@ -113,6 +113,11 @@ def test_score_extremes():
     assert metrics.am_score(confident_spread, np.full((7, k), 1 / k)) == pytest.approx(math.log(k))
     # one-hot predictions of different classes have infinite pairwise KL: mIS is infinite, as it should be
     assert metrics.modified_inception_score(confident_spread) == math.inf
+    # a generator that never hears a digit the training clips hold: KL(p_train(y) || p_gen(y)) is infinite
+    never_nine = np.eye(k)[np.arange(50) % (k - 1)]
+    assert metrics.am_score(confident_spread, never_nine) == math.inf
+    heard = np.bincount(np.arange(50) % (k - 1)) / 50  # the other way round: finite, the 0 log 0 terms 0
+    assert metrics.am_score(never_nine, confident_spread) == pytest.approx(sum(h * math.log(h * k) for h in heard))
 
 
 def test_scores_reject_bad_probabilities():
