@@ -175,6 +175,7 @@ def test_temperature_and_top_p_reach_the_sampler_as_given(run_dir, tmp_path, par
     for i, (audio, _) in enumerate(read_clips(out)[1]):
         np.testing.assert_allclose(audio, data.decode(np.asarray(tokens[i]), "mu-law"), atol=2 / 32768)
 
+
 def test_prompt_is_continued_and_likelihood_sorting_keeps_the_best(run_dir, tmp_path, monkeypatch):
     prompt = np.sin(np.arange(10) / 2.0).astype(np.float32) * 0.5
     data.write_wav(str(tmp_path / "prompt.wav"), prompt)

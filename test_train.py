@@ -504,6 +504,7 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_so_two_runs_never_mix(
     with pytest.raises(SystemExit, match=refused):
         train.main(args(data_dir, out, "--steps", "4", "--warm-start", os.path.join(out, "best.npz")))
 
+
 def test_a_run_gives_the_signal_handlers_it_found_back_when_it_ends(data_dir, tmp_path, monkeypatch):
     """train.main catches Ctrl-C and SIGTERM only while it runs: a caller's own handlers (a notebook's,
     a job runner's) are theirs again afterwards, not the defaults, which would kill on a later signal."""
@@ -516,6 +517,7 @@ def test_a_run_gives_the_signal_handlers_it_found_back_when_it_ends(data_dir, tm
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
 
 def test_curves_png_is_redrawn_at_every_evaluation_so_a_long_run_can_be_watched(data_dir, tmp_path, monkeypatch):
     """--steps 3 --eval-every 1: OUT/curves.png is drawn after each evaluation with the validation NLLs so
@@ -619,7 +621,8 @@ def test_the_end_of_run_report_samples_with_the_runs_seed_and_dtype(data_dir, tm
     stub_training(monkeypatch, [], val_nlls=[5.0])
     calls, evaluations, stub = [], [], train.make_evaluate
     monkeypatch.setattr(train.sample, "quality_report", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setattr(train, "make_evaluate", lambda cfg, mesh, dtype="float32": evaluations.append(dtype) or stub(cfg, mesh))
+    monkeypatch.setattr(train, "make_evaluate",
+                        lambda cfg, mesh, dtype="float32": evaluations.append(dtype) or stub(cfg, mesh))
     out = str(tmp_path / "report")
     assert train.main(args(data_dir, out, "--steps", "1", "--seed", "3", "--report-samples", "5",
                            "--dtype", "bfloat16")) == 0
