@@ -102,9 +102,10 @@ def parse_args(argv=None):
     parser.add_argument("--generate", type=int, help="generate this many clips and keep the --n most likely "
                         "(SaShiMi sorts samples by likelihood); default: --n")
     args = parser.parse_args(argv)
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise SystemExit(f"error: --temperature must be > 0 (got {args.temperature}) and --top-p in (0, 1] "
-                         f"(got {args.top_p})")
+    if args.temperature <= 0:
+        raise SystemExit(f"error: --temperature {args.temperature} must be > 0")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"error: --top-p {args.top_p} must be in (0, 1]")
     for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} {value} must be >= 1")

@@ -27,7 +27,8 @@ def save(path, step, ema, params=None, cfg=CFG):
 
 
 def same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_save_then_restore_gives_every_array_back_by_tree_path(tmp_path):

@@ -172,7 +172,9 @@ def test_temperature_and_top_p_reach_the_sampler_as_given(run_dir, tmp_path, par
         assert {k: v for k, v in json.load(f).items() if k in ("temperature", "top_p")} == {"temperature": 0.7, "top_p": 0.9}
     key = jax.random.fold_in(jax.random.key(5), 0)
     tokens, _ = jax.jit(lambda k: sample.generate(params, CFG, k, jnp.full((16, LENGTH), 128), 0, 0.7, 0.9))(key)
-    for i, (audio, _) in enumerate(read_clips(out)[1]):
+    clips = read_clips(out)[1]
+    assert len(clips) == 2
+    for i, (audio, _) in enumerate(clips):
         np.testing.assert_allclose(audio, data.decode(np.asarray(tokens[i]), "mu-law"), atol=2 / 32768)
 
 
@@ -262,7 +264,9 @@ def test_clips_are_decoded_with_the_runs_own_encoding(params, tmp_path, encoding
                                 jnp.full((2, LENGTH), pf.SILENCE, jnp.int32), 0)
     tokens = np.asarray(tokens)
     want = data.decode(tokens, "linear") if encoding == "linear" else tokens / 127.5 - 1
-    for (audio, got_rate), expected in zip(read_clips(out)[1], want):
+    clips = read_clips(out)[1]
+    assert len(clips) == 2
+    for (audio, got_rate), expected in zip(clips, want):
         assert got_rate == 16000
         np.testing.assert_allclose(audio, expected, atol=2 / 32768)
 
@@ -324,8 +328,8 @@ def test_each_written_clips_digit_is_the_guess_for_that_clip(run_dir, tmp_path, 
     assert abs(printed - np.mean([r["nll_bits"] for r in records])) < 1e-3  # the 3 written, not all 8 drawn
 
 
-@pytest.mark.parametrize("flags,words", [(["--temperature", "0"], "--temperature must be > 0"),
-                                          (["--top-p", "0"], "--top-p in (0, 1]"),
+@pytest.mark.parametrize("flags,words", [(["--temperature", "0"], "error: --temperature 0.0 must be > 0"),
+                                          (["--top-p", "0"], "error: --top-p 0.0 must be in (0, 1]"),
                                           (["--generate", "1", "--n", "2"], "--generate 1 must be at least --n 2")])
 def test_bad_sampling_flags_are_refused(flags, words):
     with pytest.raises(SystemExit, match=re.escape(words)):
