@@ -1117,6 +1117,8 @@ def figure_compare(run_dirs, labels=None):
 
 
 def cmd_compare(args):
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise SystemExit(f'error: --labels gives {len(args.labels)} names for {len(args.runs)} runs')
     runs = compare_runs(args.runs)
     f = lambda v, spec: '-' if v is None else format(v, spec)
     step = runs[0]['equal_step'] if runs else None

@@ -21,12 +21,16 @@ BAD_INPUTS = {  # command: (arguments, words the error line must contain)
     "train-pooling": (["train.py", "--pooling", "3", "3", "--layers", "0", "1", "1"], ["16000", "3*3 = 9"]),
     "train-batch": (["train.py", "--batch-size", "0"], ["--batch-size 0", ">= 1"]),
     "train-layers": (["train.py", "--layers", "1", "1"], ["layers [1, 1]", "4 entries"]),
+    "train-seq-len": (["train.py", "--seq-len", "0", "--dataset", "bytes", "--path", "no/such/file"],
+                      ["--seq-len 0", ">= 1"]),  # checked first, and not taken as "the dataset's own length"
     "sample-checkpoint": (["sample.py", "--checkpoint", "no/such/dir", "--out", "x"], ["no/such/dir"]),
     "sample-n": (["sample.py", "--checkpoint", "no/such/dir", "--out", "x", "--n", "0"], ["--n 0", ">= 1"]),
     "metrics-samples": (["metrics.py", "evaluate", "--samples", "no/such/dir"], ["no/such/dir"]),
     "metrics-classifier": (["metrics.py", "evaluate", "--samples", "two_wavs", "--dataset", "sc09"],
                            ["classifier", "train-classifier"]),  # sc09-espeak's ships in classifiers/
     "metrics-figures": (["metrics.py", "figures", "--init", "square"], ["square", "small | half"]),
+    "metrics-labels": (["metrics.py", "compare", "run_a", "run_b", "--figure", "x.png", "--labels", "a"],
+                       ["--labels", "1 names for 2 runs"]),
     "bench": (["bench.py", "--part", "train", "--model", '{"d_rnn": 100}'], ["d_rnn=100"]),
 }
 
@@ -140,7 +144,8 @@ def test_the_test_session_removes_the_compilation_cache_it_made_and_keeps_one_it
     tmp.mkdir(), mine.mkdir()
     for given in (None, str(mine)):
         run_env = {**env, "TMPDIR": str(tmp)} if given is None else {**env, "JAX_COMPILATION_CACHE_DIR": given}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "test_seen.py"],
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "test_seen.py"]
+        proc = subprocess.run(command,
                               cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         cache = (tmp_path / "cache.txt").read_text()

@@ -371,7 +371,7 @@ def parse_args(argv):
 
 
 POSITIVE = ("batch_size", "microbatch", "epochs", "warmup", "log_every", "ckpt_every", "keep", "eval_every",
-            "eval_clips", "max_bad_steps", "train_clips")  # TrainConfig fields that must be >= 1 where set
+            "eval_clips", "max_bad_steps", "train_clips", "seq_len")  # TrainConfig fields that must be >= 1 where set
 
 
 def check_config(cfg, tc):
