@@ -1181,3 +1181,19 @@ def test_shipped_classifier_recognises_the_built_in_digits(data_dir):
                                   split.labels) * len(split)
         total += len(split)
     assert right / total >= 0.95, f"{right:.0f} of {total} clips recognised"
+
+
+def test_a_warm_started_leg_trains_its_real_steps(data_dir, tmp_path):
+    """The warm start's real step, not a stubbed one: the step donates the whole state, so its parameters
+    and EMA must be two sets of buffers (one set, donated twice, was refused on one device and crashed on
+    two). Leg 2 trains on from leg 1's EMA weights: finite losses, parameters moved from where they began."""
+    leg1, leg2 = str(tmp_path / "leg1"), str(tmp_path / "leg2")
+    assert train.main(args(data_dir, leg1, "--steps", "2", "--eval-every", "2")) == 0
+    assert train.main(args(data_dir, leg2, "--steps", "4", "--eval-every", "4",
+                           "--warm-start", os.path.join(leg1, "best.npz"))) == 0
+    losses = [r["loss_bits"] for r in log_records(leg2) if "loss_bits" in r]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    _, start = train.read_checkpoint(os.path.join(leg1, "best.npz"))
+    _, end = train.read_checkpoint(train.checkpoints(leg2)[-1])
+    moved = [k for k in end if k.startswith("params/") and not np.array_equal(end[k], start["ema/" + k[7:]])]
+    assert moved

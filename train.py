@@ -313,7 +313,8 @@ def warm_start(paths, cfg, tc, template):
     except Exception as e:  # noqa: BLE001 -- unreadable, truncated, another config or pf.py: one error line
         raise SystemExit(f"error: --warm-start {' '.join(paths)}: {type(e).__name__}: {e}")
     state = jax.jit(lambda: init_state(cfg, tc))()
-    state = {**state, "params": ema, "ema": ema, "step": jnp.asarray(meta["step"], jnp.int32)}
+    # Two sets of buffers: the train step donates the whole state, and one set donated twice is refused.
+    state = {**state, "params": jax.tree.map(jnp.copy, ema), "ema": ema, "step": jnp.asarray(meta["step"], jnp.int32)}
     return state, {"best_val": None, "minutes": meta.get("minutes", 0.0), "leg": meta.get("leg", 1) + 1,
                    "warm_start": list(paths)}
 
