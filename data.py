@@ -576,16 +576,24 @@ def extract_sc09(archive, root):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.makedirs(root, exist_ok=True)
-    for name in os.listdir(tmp):                                  # the digit folders are not in root yet
+    if not os.path.exists(root):  # one rename: a run killed here leaves root whole or absent, never half
+        os.replace(tmp, root)
+        return
+    for name in os.listdir(tmp):  # root was there already (empty, or holding other files): a move each
         os.replace(os.path.join(tmp, name), os.path.join(root, name))
     os.rmdir(tmp)
 
 
 def _prepare_sc09(root, data_dir):
-    """Download and extract SC09 into root unless its digit folders are already there."""
-    if any(os.path.isdir(os.path.join(root, word)) for word in DIGITS):
+    """Download and extract SC09 into root unless its digit folders and list files are already there."""
+    wanted = [*DIGITS, *SC09_LISTS.values()]
+    present = [name for name in wanted if os.path.exists(os.path.join(root, name))]
+    if len(present) == len(wanted):
         return
+    if present:  # e.g. an extraction into an existing folder cut short between its moves
+        missing = [name for name in wanted if name not in present]
+        raise DataError(f'{root} holds only part of SC09: {", ".join(missing)} missing. Complete it, or remove '
+                        f'{root} to extract it again')
     archive = os.path.join(data_dir, os.path.basename(SC09_URL))
     if not os.path.exists(archive):
         os.makedirs(data_dir, exist_ok=True)

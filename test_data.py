@@ -730,6 +730,33 @@ def test_a_download_resumed_from_a_server_that_ignores_range_starts_the_file_aga
     assert RangeServer.ranges == ['bytes=1000-'] and dest.read_bytes() == archive
 
 
+def test_an_extraction_cut_short_leaves_sc09_whole_or_absent_or_says_what_is_missing(tiny, tmp_path, monkeypatch):
+    """Into a new folder: one rename, so a run killed there leaves it whole or absent. Into a folder that
+    was there already: a move each, and a run killed between them leaves part of SC09, which the next
+    load names (it used to take one digit folder as the whole set and fail later on a list file)."""
+    archive = tmp_path / 'speech_commands_v0.02.tar.gz'
+    archive.write_bytes(make_archive(tiny[0]))
+    moves, real_replace = [], os.replace
+
+    def replace(src, dst):
+        moves.append(dst)
+        if len(moves) == 2 and interrupt:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', replace)
+    interrupt = False
+    data.extract_sc09(str(archive), str(tmp_path / 'new' / 'sc09'))
+    assert moves == [str(tmp_path / 'new' / 'sc09')] and os.listdir(tmp_path / 'new') == ['sc09']
+    assert sorted(os.listdir(tmp_path / 'new' / 'sc09')) == sorted([*data.DIGITS, *data.SC09_LISTS.values()])
+    moves.clear()
+    interrupt = True
+    (tmp_path / 'sc09').mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        data.extract_sc09(str(archive), str(tmp_path / 'sc09'))
+    assert len(os.listdir(tmp_path / 'sc09')) == 1
+    with pytest.raises(data.DataError, match=r'holds only part of SC09: .*testing_list.txt missing. Complete it, or remove'):
+        data.load('sc09', data_dir=str(tmp_path))
+
 @pytest.mark.parametrize('kind', ['dotdot', 'absolute', 'symlink', 'hardlink', 'fifo', 'device'])
 def test_extraction_refuses_members_that_escape_the_target(tiny, tmp_path, kind):
     """Paths out of the target, links (symbolic or hard) and special files, each inside a digit folder."""
