@@ -156,7 +156,8 @@ def make_train_step(cfg, tc, mesh):
     """train_step(state, tokens (B, L), mask (B, L), lr_scale) -> (state, metrics): lr_scale (a host
     float32, from lr_factor()) scales the update, i.e. the learning rate. The batch is split into
     B / microbatch microbatches whose gradients are summed before one update, so the update equals
-    the full batch's: the loss is the mean over all unmasked tokens of the batch."""
+    the full batch's (its dropout masks aside: each microbatch draws its own): the loss is the mean over
+    all unmasked tokens of the batch."""
     optimizer, schedule = make_optimizer(tc)
     n_micro = tc.batch_size // (tc.microbatch or tc.batch_size)
     grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
