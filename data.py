@@ -441,7 +441,8 @@ def sc09_files(root):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             raise DataError(f'{path}: missing list file (SC09 takes its splits from validation_list.txt '
-                            'and testing_list.txt next to the digit folders)')
+                            'and testing_list.txt next to the digit folders; if an extraction of the archive '
+                            f'into {root} was cut short, remove {root} to extract it again)')
         with open(path) as f:
             listed[split] = {line.strip() for line in f if line.strip()}
     files = {s: [] for s in SPLITS}
@@ -585,15 +586,10 @@ def extract_sc09(archive, root):
 
 
 def _prepare_sc09(root, data_dir):
-    """Download and extract SC09 into root unless its digit folders and list files are already there."""
-    wanted = [*DIGITS, *SC09_LISTS.values()]
-    present = [name for name in wanted if os.path.exists(os.path.join(root, name))]
-    if len(present) == len(wanted):
+    """Download and extract SC09 into root unless its digit folders are already there (the reader names
+    any digit folder or list file missing then)."""
+    if any(os.path.isdir(os.path.join(root, word)) for word in DIGITS):
         return
-    if present:  # e.g. an extraction into an existing folder cut short between its moves
-        missing = [name for name in wanted if name not in present]
-        raise DataError(f'{root} holds only part of SC09: {", ".join(missing)} missing. Complete it, or remove '
-                        f'{root} to extract it again')
     archive = os.path.join(data_dir, os.path.basename(SC09_URL))
     if not os.path.exists(archive):
         os.makedirs(data_dir, exist_ok=True)

@@ -731,9 +731,10 @@ def test_a_download_resumed_from_a_server_that_ignores_range_starts_the_file_aga
 
 
 def test_an_extraction_cut_short_leaves_sc09_whole_or_absent_or_says_what_is_missing(tiny, tmp_path, monkeypatch):
-    """Into a new folder: one rename, so a run killed there leaves it whole or absent. Into a folder that
-    was there already: a move each, and a run killed between them leaves part of SC09, which the next
-    load names (it used to take one digit folder as the whole set and fail later on a list file)."""
+    """Into a new folder: one rename, so a run killed there leaves it whole or absent (it was a move
+    each, and one digit folder moved was taken as the whole set). Into a folder that was there already: a
+    move each, and a run killed between them leaves part of SC09, which the next load names, saying how
+    to start again."""
     archive = tmp_path / 'speech_commands_v0.02.tar.gz'
     archive.write_bytes(make_archive(tiny[0]))
     moves, real_replace = [], os.replace
@@ -754,7 +755,7 @@ def test_an_extraction_cut_short_leaves_sc09_whole_or_absent_or_says_what_is_mis
     with pytest.raises(KeyboardInterrupt):
         data.extract_sc09(str(archive), str(tmp_path / 'sc09'))
     assert len(os.listdir(tmp_path / 'sc09')) == 1
-    with pytest.raises(data.DataError, match=r'holds only part of SC09: .*testing_list.txt missing. Complete it, or remove'):
+    with pytest.raises(data.DataError, match=r'missing list file .*cut short, remove .*sc09 to extract it again'):
         data.load('sc09', data_dir=str(tmp_path))
 
 @pytest.mark.parametrize('kind', ['dotdot', 'absolute', 'symlink', 'hardlink', 'fifo', 'device'])
