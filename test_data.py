@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -462,6 +463,13 @@ def test_second_load_comes_from_the_cache_and_a_changed_file_invalidates_it(tiny
         (root / 'testing_list.txt').write_text(''.join(f'{n}\n' for n in test))
         ds = data.load('sc09', data_dir=str(tmp_path), path=str(root))
         assert (len(ds.validation), len(ds.test)) == (len(validation), len(test))
+    # a manifest cut short (a disk full, a copy killed part-way) is a cache miss: the WAVs are read again
+    manifest = next((tmp_path / 'cache').glob('*/manifest.json'))
+    manifest.write_bytes(manifest.read_bytes()[:20])
+    before = len(reads)
+    again = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert len(reads) > before and (again.test.tokens == ds.test.tokens).all()
+    assert json.loads(manifest.read_text())['files'] > 0  # and written whole again
     # a cache file whose header declares object entries (a pickle would follow) is refused, never unpickled;
     # planted as a header and bytes, so that nothing here pickles either
     with open(next((tmp_path / 'cache').glob('*/train_labels.npy')), 'wb') as f:

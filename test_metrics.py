@@ -770,6 +770,12 @@ def test_train_classifier_command_selects_on_validation_and_keeps_training_set_s
     assert metrics.find_classifier('sc09-espeak', str(tmp_path / 'nothing')) == os.path.join(
         metrics.SHIPPED_CLASSIFIERS, 'sc09-espeak')
     assert metrics.find_classifier('sc09', str(tmp_path / 'nothing')) is None
+    # one cut short before its last file (config.json and train_stats.npz) is passed over for the shipped one
+    half = tmp_path / 'half' / 'classifier-sc09-espeak'
+    os.makedirs(half)
+    shutil.copy(os.path.join(out, 'params.npz'), half)
+    assert metrics.find_classifier('sc09-espeak', str(tmp_path / 'half')) == os.path.join(
+        metrics.SHIPPED_CLASSIFIERS, 'sc09-espeak')
     # --out puts it there instead, leaving DATA_DIR's as it was
     written, elsewhere = os.path.getmtime(os.path.join(out, 'params.npz')), str(tmp_path / 'cls')
     metrics.main(command + ['--out', elsewhere])

@@ -1140,6 +1140,17 @@ def test_train_clips_trains_and_validates_on_the_first_clip_of_each_digit_in_tur
         train.check_config(pf.Config(), train.TrainConfig(train_clips=0))
 
 
+def test_a_train_clips_run_resumes_with_the_same_value_only(data_dir, tmp_path, monkeypatch):
+    """--train-clips validates on its own clips, so a resume must keep the value its checkpoint records
+    (under "train" in its meta): the same value goes on, another (or none) is refused naming both."""
+    stub_training(monkeypatch, [], val_nlls=[5.0] * 4)
+    out = str(tmp_path / "memorise")
+    assert train.main(args(data_dir, out, "--steps", "2", "--train-clips", "2")) == 0
+    assert train.main(args(data_dir, out, "--steps", "3", "--train-clips", "2", "--resume")) == 0
+    assert train.checkpoints(out)[-1].endswith("ckpt_00000003.npz")
+    with pytest.raises(SystemExit, match="trained with --train-clips 2, not None: resume with the same value"):
+        train.main(args(data_dir, out, "--steps", "4", "--resume"))
+
 def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, compile_cache, tmp_path):
     """A run on the built-in digits ends by sampling (here 4 clips), scoring them with the shipped
     classifier and drawing curves.png; `metrics.py evaluate`, run afterwards in its own process on the
