@@ -1151,6 +1151,20 @@ def test_a_train_clips_run_resumes_with_the_same_value_only(data_dir, tmp_path, 
     with pytest.raises(SystemExit, match="trained with --train-clips 2, not None: resume with the same value"):
         train.main(args(data_dir, out, "--steps", "4", "--resume"))
 
+def test_the_batch_must_split_into_microbatches_and_each_microbatch_over_the_devices():
+    """Each microbatch is sharded over the devices, so its rows, not only the batch's, must divide among
+    them; the error names all three numbers."""
+    split = data.Split(np.zeros((16, 4), np.uint8), np.full(16, 4, np.int32), np.zeros(16, np.int32))
+    ds = data.Dataset("sc09-espeak", "mu-law", 16000, 4, split, split, split)
+    cfg = pf.Config(pooling=(), layers=(1,))
+    for batch, micro, devices in ((8, 4, 4), (8, None, 8), (6, 3, 3), (8, 2, 1)):
+        train.check(cfg, train.TrainConfig(batch_size=batch, microbatch=micro), ds, devices)  # accepted
+    for batch, micro, devices in ((8, 2, 4), (6, 4, 2), (8, None, 3), (4, 1, 2)):
+        words = f"batch size {batch} must be a multiple of the microbatch {micro or batch}, itself a multiple of " \
+                f"the {devices} devices"
+        with pytest.raises(SystemExit, match=words):
+            train.check(cfg, train.TrainConfig(batch_size=batch, microbatch=micro), ds, devices)
+
 def test_run_ends_with_a_quality_report_equal_to_metrics_evaluate(data_dir, compile_cache, tmp_path):
     """A run on the built-in digits ends by sampling (here 4 clips), scoring them with the shipped
     classifier and drawing curves.png; `metrics.py evaluate`, run afterwards in its own process on the
