@@ -444,16 +444,17 @@ def test_cosine_decay_over_steps_reaches_zero_at_the_last_step(data_dir, tmp_pat
 
 def test_the_step_is_fed_the_training_split_in_each_epochs_seeded_order_across_epochs_and_resume(
         data_dir, tmp_path, monkeypatch):
-    """--seed 3, batch 8 (20 steps per epoch): 27 steps, then --resume to 50, cross two epoch ends
-    and a mid-epoch resume. The rows fed are exactly data.batches(train, 8, seed 3, epoch e) in turn:
-    not the validation split, not epoch 0's order again, not seed 0's."""
+    """--seed 3, batch 8 (20 steps per epoch) in microbatches of 4: 27 steps, then --resume to 50, cross
+    two epoch ends and a mid-epoch resume. The rows fed are exactly data.batches(train, 8, seed 3, epoch e)
+    in turn: not the validation split, not epoch 0's order again, not seed 0's, and an epoch is counted
+    in batches, not microbatches."""
     ds = data.load("sc09-espeak", data_dir, "tiny", seq_len=160)
     want = [t for e in range(3) for t, _ in data.batches(ds.train, 8, 3, e)][:50]
     fed = []
     stub_training(monkeypatch, fed, val_nlls=[5.0] * 10)
     out = str(tmp_path / "feed")
-    assert train.main(args(data_dir, out, "--seed", "3", "--steps", "27")) == 0
-    assert train.main(args(data_dir, out, "--seed", "3", "--steps", "50", "--resume")) == 0
+    assert train.main(args(data_dir, out, "--seed", "3", "--steps", "27", "--microbatch", "4")) == 0
+    assert train.main(args(data_dir, out, "--seed", "3", "--steps", "50", "--microbatch", "4", "--resume")) == 0
     assert len(fed) == 50
     for i, (got, expected) in enumerate(zip(fed, want)):
         assert np.array_equal(got, expected), f"step {i + 1}: not the rows of the seeded epoch order"
