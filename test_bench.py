@@ -318,3 +318,14 @@ def test_a_variants_patches_are_all_undone_even_one_patched_twice():
         set_attr(switches, "SCAN_CHUNK", 64)
         1 / 0
     assert switches.SCAN_CHUNK is None
+
+
+def test_a_microbatched_train_step_counts_the_tokens_of_the_whole_batch():
+    """--microbatch splits the step's batch, not its work: tokens/s and the model FLOPs of a step count all
+    batch x seq_len tokens (2 x 32 here, in microbatches of 1)."""
+    a = bench.parse_args(["--part", "train", "--batch", "2", "--seq-len", "32", "--microbatch", "1", "--repeats", "1",
+                          "--variants", json.dumps([{"model": bench.TINY}])])
+    run, = bench.part_train(a)
+    assert run["timed_steps"] == 1 and 7.0 < run["loss_bits"] < 10.0
+    assert run["tokens_per_s"] == pytest.approx(2 * 32 / (run["ms_per_step"] / 1000))
+    assert run["model_gflops_per_step"] == pytest.approx(3 * bench.count_flops(pf.Config(**bench.TINY)) * 2 * 32 / 1e9)

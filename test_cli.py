@@ -18,6 +18,8 @@ BAD_INPUTS = {  # command: (arguments, words the error line must contain)
     "pf-choice": (["pf.py", "--norm", "batch"], ["--norm", "'batch'", "'layer', 'rms', 'none'"]),
     "sample-int": (["sample.py", "--checkpoint", "a", "--out", "b", "--n", "x"], ["--n", "invalid int value: 'x'"]),
     "data": (["data.py", "--dataset", "bytes", "--path", "no/such/file"], ["no/such/file"]),
+    "data-seq-len": (["data.py", "--dataset", "bytes", "--path", "no/such/file", "--seq-len", "0"],
+                     ["--seq-len 0", ">= 1"]),
     "train-pooling": (["train.py", "--pooling", "3", "3", "--layers", "0", "1", "1"], ["16000", "3*3 = 9"]),
     "train-batch": (["train.py", "--batch-size", "0"], ["--batch-size 0", ">= 1"]),
     "train-layers": (["train.py", "--layers", "1", "1"], ["layers [1, 1]", "4 entries"]),

@@ -491,6 +491,10 @@ def test_one_bad_file_among_many_is_reported_with_a_count_and_too_many_raise(tin
     reads = counting_reads(monkeypatch)
     data.load('sc09', data_dir=str(tmp_path), path=str(root))         # from the cache: reported again
     assert reads == [] and '1 of 200 files could not be read' in capsys.readouterr().err
+    wavs[1].write_bytes(b'')  # 2 of 200: exactly 1%, still skipped ("more than 1%" raises)
+    ds = data.load('sc09', data_dir=str(tmp_path), path=str(root))
+    assert sum(len(getattr(ds, s)) for s in data.SPLITS) == 198
+    assert '2 of 200 files could not be read' in capsys.readouterr().err
     for w in wavs[1:4]:
         w.write_bytes(b'')
     with pytest.raises(data.DataError, match=r'4 of 200 files could not be read[\s\S]*empty file'):

@@ -576,6 +576,9 @@ def test_dropout_only_with_a_key():
     a, b = apply(params, x, cfg, key=jax.random.key(1)), apply(params, x, cfg, key=jax.random.key(2))
     assert_close(apply(params, x, cfg, key=jax.random.key(1)), a, 0, "one key, one set of masks")
     assert float(jnp.max(jnp.abs(a - b))) > 1e-3 and float(jnp.max(jnp.abs(a - plain))) > 1e-3
+    # each clip of a batch its own masks: two copies of one clip come out differently
+    twins = apply(params, jnp.concatenate([x[:1], x[:1]]), cfg, key=jax.random.key(1))
+    assert float(jnp.max(jnp.abs(twins[0] - twins[1]))) > 1e-3
 
 
 def test_every_resblock_draws_a_mask_of_its_own(monkeypatch):
