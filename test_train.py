@@ -1114,6 +1114,16 @@ def test_a_value_at_the_edge_of_its_range_is_accepted(change):
     train.check_config(pf.Config(), train.TrainConfig(**change))
 
 
+def test_the_pooling_is_checked_against_the_requested_length_before_any_data_is_built():
+    """--seq-len, where given, is the length the pooling must divide, not the dataset's own (16,000 here,
+    which 2*4 divides): 30 is refused in one line naming it, 32 accepted."""
+    cfg = pf.Config(pooling=(2, 4), layers=(1, 1, 1))
+    with pytest.raises(SystemExit, match="error: .*30.*2\\*4 = 8.*set --seq-len or --pooling"):
+        train.check_config(cfg, train.TrainConfig(seq_len=30))
+    train.check_config(cfg, train.TrainConfig(seq_len=32))
+    train.check_config(cfg, train.TrainConfig())  # the dataset's 16,000
+
+
 def test_unigram_entropy_counts_each_rows_real_tokens_only():
     """Rows of 6 tokens with 6, 2 and 0 real ones (the rest padding, 128): the entropy of 0, 0, 1, 2, 3, 3, 4, 4
     in bits, by hand; a padding token counted would add a 128."""
