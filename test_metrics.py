@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import wave
 
@@ -57,11 +58,17 @@ def test_fid_extremes_and_mean_shift():
     assert metrics.fid(a, b) == pytest.approx(want, rel=1e-9)
 
 
-def test_fid_rejects_nan_features():
+def test_fid_rejects_nan_features_and_fewer_than_two_clips():
     x = np.ones((5, 3))
     x[2, 1] = np.nan
     with pytest.raises(ValueError, match='NaN'):
         metrics.fid(x, np.ones((5, 3)))
+    # one clip has no covariance (its unbiased estimate divides by N - 1 = 0): refused, not a NaN FID
+    with pytest.raises(ValueError, match=re.escape('expected (N >= 2, F), got shape (1, 3)')):
+        metrics.gaussian_stats(np.ones((1, 3)))
+    mu, sigma = metrics.gaussian_stats(np.array([[0.0, 1.0], [2.0, 5.0]]))  # two clips: the least it takes
+    np.testing.assert_allclose(mu, [1.0, 3.0])
+    np.testing.assert_allclose(sigma, [[2.0, 4.0], [4.0, 8.0]])
 
 
 # ---------------------------------------------------------------- IS, mIS, AM by direct loops

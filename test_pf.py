@@ -637,6 +637,7 @@ def test_dropout_masks_are_drawn_once_outside_the_rematerialised_blocks():
     ({"groups": 3}, ["groups=3", "d_model=128"]),
     ({"pooling": (2, 0), "layers": (1, 1, 1)}, ["pooling [2, 0]"]),
     ({"dropout": 1.0}, ["dropout=1.0", "[0, 1)"]),  # every unit dropped: an error line, not a run that cannot learn
+    ({"deepest": "attention", "d_model": 6}, ["d_model=6", "4 attention heads"]),  # not an einops error in apply
 ])
 def test_bad_config_raises_value_error_naming_the_numbers(changes, words):
     with pytest.raises(ValueError) as err:
