@@ -2,6 +2,7 @@
 --help gives every flag's meaning and default from the field comments, the config prints compactly."""
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -135,7 +136,6 @@ def test_the_test_session_removes_the_compilation_cache_it_made_and_keeps_one_it
     """conftest.py's cache is fresh per session: one it made is gone when the session ends (each full run
     left ~33 MB in /tmp before), and pytest-xdist's workers make none of their own; one named by
     JAX_COMPILATION_CACHE_DIR is the caller's and stays."""
-    import shutil
     shutil.copy(os.path.join(HERE, "conftest.py"), tmp_path)
     (tmp_path / "test_seen.py").write_text(
         "import os\n\ndef test_seen():\n"
@@ -143,12 +143,12 @@ def test_the_test_session_removes_the_compilation_cache_it_made_and_keeps_one_it
         "    open(os.path.join(os.path.dirname(__file__), 'cache.txt'), 'w').write(cache)\n")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     tmp, mine = tmp_path / "tmp", tmp_path / "mine"
-    tmp.mkdir(), mine.mkdir()
+    tmp.mkdir()
+    mine.mkdir()
     for given in (None, str(mine)):
         run_env = {**env, "TMPDIR": str(tmp)} if given is None else {**env, "JAX_COMPILATION_CACHE_DIR": given}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "test_seen.py"]
-        proc = subprocess.run(command,
-                              cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(command, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         cache = (tmp_path / "cache.txt").read_text()
         if given is None:

@@ -1162,6 +1162,7 @@ def test_a_train_clips_run_resumes_with_the_same_value_only(data_dir, tmp_path, 
     with pytest.raises(SystemExit, match="trained with --train-clips 2, not None: resume with the same value"):
         train.main(args(data_dir, out, "--steps", "4", "--resume"))
 
+
 def test_the_batch_must_split_into_microbatches_and_each_microbatch_over_the_devices():
     """Each microbatch is sharded over the devices, so its rows, not only the batch's, must divide among
     them; the error names all three numbers."""
