@@ -1222,8 +1222,8 @@ def test_shipped_classifier_recognises_the_built_in_digits(data_dir):
 
 def test_a_warm_started_leg_trains_its_real_steps(data_dir, tmp_path):
     """The warm start's real step, not a stubbed one: the step donates the whole state, so its parameters
-    and EMA must be two sets of buffers (one set, donated twice, was refused on one device and crashed on
-    two). Leg 2 trains on from leg 1's EMA weights: finite losses, parameters moved from where they began."""
+    and EMA must be two sets of buffers (one set, donated twice, was refused: "Attempt to donate the same
+    buffer twice", on one device and on two). Leg 2 trains on from leg 1's EMA weights: finite losses, parameters moved from where they began."""
     leg1, leg2 = str(tmp_path / "leg1"), str(tmp_path / "leg2")
     assert train.main(args(data_dir, leg1, "--steps", "2", "--eval-every", "2")) == 0
     assert train.main(args(data_dir, leg2, "--steps", "4", "--eval-every", "4",
